@@ -11,6 +11,8 @@ from typing import Any
 _EXPORTS = {
     "delta_rule": "neotron.kernels.delta_rule",
     "gated_delta_rule": "neotron.kernels.gated_delta_rule",
+    "ttt_linear": "neotron.kernels.ttt",
+    "ttt_mlp": "neotron.kernels.ttt",
 }
 
 

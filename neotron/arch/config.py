@@ -1,0 +1,72 @@
+"""The `model:` section of a run config.
+
+Layer configs are pydantic discriminated unions over whatever is registered, so every layer
+module must be imported before the unions are built: add a new block's module to the import
+list below.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+# Imported for their registrations (the registry decorators run at import).
+from neotron.arch import attention, linear, mlp  # noqa: F401
+from neotron.arch.attention import AttentionConfig
+from neotron.arch.linear import DenseLinearConfig
+from neotron.arch.mlp import SwiGLUConfig
+from neotron.arch.registry import FFNS, LINEARS, MIXERS
+from neotron.strict import StrictModel
+
+MixerConfig = MIXERS.config_union()
+FFNConfig = FFNS.config_union()
+LinearConfig = LINEARS.config_union()
+
+
+class BlockConfig(StrictModel):
+    mixer: MixerConfig = Field(default_factory=AttentionConfig)
+    ffn: FFNConfig = Field(default_factory=SwiGLUConfig)
+
+
+class ModelConfig(StrictModel):
+    vocab_size: int = Field(gt=0)
+    dim: int = Field(gt=0)
+    n_layers: int = Field(gt=0)
+    max_seq_len: int = Field(default=4096, gt=0)
+    norm_eps: float = Field(default=1e-5, gt=0)
+    tie_embeddings: bool = False
+    init_std: float = Field(default=0.02, gt=0)
+    linear: LinearConfig = Field(
+        default_factory=DenseLinearConfig,
+        description="projection type of every block (embeddings and LM head stay dense)",
+    )
+    blocks: dict[str, BlockConfig] = Field(default_factory=lambda: {"attention": BlockConfig()})
+    pattern: list[str] | None = Field(
+        default=None,
+        description="block names repeated over depth; None = the only block of `blocks`",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if not self.blocks:
+            raise ValueError("@blocks: at least one block must be defined")
+        if self.pattern is None and len(self.blocks) > 1:
+            raise ValueError(
+                f"@pattern: required when several blocks are defined ({', '.join(self.blocks)})"
+            )
+        for i, name in enumerate(self.pattern or []):
+            if name not in self.blocks:
+                raise ValueError(
+                    f"@pattern.{i}: unknown block '{name}' (defined: {', '.join(self.blocks)})"
+                )
+        if self.pattern == []:
+            raise ValueError("@pattern: must not be empty")
+        for name, block in self.blocks.items():
+            for part in ("mixer", "ffn"):
+                for key, msg in getattr(block, part).check(self.dim):
+                    raise ValueError(f"@blocks.{name}.{part}.{key}: {msg}")
+        return self
+
+    def layer_blocks(self) -> list[str]:
+        """The block name of every layer, the pattern repeated over depth."""
+        pattern = self.pattern or list(self.blocks)
+        return [pattern[i % len(pattern)] for i in range(self.n_layers)]

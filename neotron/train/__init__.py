@@ -1,0 +1,1 @@
+"""Trainer, checkpoints, metrics, fault handling, and the parallelize seam."""
