@@ -23,6 +23,8 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,8 +175,8 @@ def prepare(cfg: DataConfig, *, force: bool = False, progress: bool | None = Non
     """Tokenize `cfg`'s corpus into `cfg.dir`, or reuse what is there if it was made from the
     same inputs and settings. `progress`: show bars (None: only on a terminal).
 
-    Not safe to run from several processes on the same directory at once: in a distributed
-    run, call it on one rank and barrier before the others `open_prepared`.
+    Safe to call from every rank of a distributed run at once: an exclusive lock on
+    `<dir>/.lock` lets one process build while the others wait, then find the result reusable.
     """
     root = Path(cfg.dir).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -182,7 +184,29 @@ def prepare(cfg: DataConfig, *, force: bool = False, progress: bool | None = Non
     if not force and (existing := _reusable(root, key)) is not None:
         log.info("data: reusing %s (fingerprint %s)", root, existing.fingerprint[:12])
         return existing
+    with _exclusive(root / ".lock"):
+        # Another process may have finished the same work while we waited for the lock.
+        if not force and (existing := _reusable(root, key)) is not None:
+            return existing
+        return _prepare_locked(cfg, root, key, progress)
 
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock; run prepare from one process there
+        yield
+        return
+    with open(lock_path, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _prepare_locked(cfg: DataConfig, root: Path, key: str, progress: bool | None) -> PreparedData:
     _remove_stale_staging(root)
     staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(), dir=root))
     try:

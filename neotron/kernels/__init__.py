@@ -1,24 +1,15 @@
 """Kernels for the new layers. Each op lives in its own folder with a plain-PyTorch
 `reference.py` beside the fast paths; the names exported here dispatch to the fastest
-path available for the inputs' device."""
+path available for the inputs' device.
 
-from __future__ import annotations
+The functions are imported eagerly (these modules import only torch; optional GPU packages
+such as fla are imported inside the dispatchers). Eager import also matters for correctness:
+`delta_rule` is both a subpackage and the function it exports, and binding the function here
+after the subpackage is imported keeps `neotron.kernels.delta_rule(...)` a call.
+"""
 
-from typing import Any
+from neotron.kernels.delta_rule import delta_rule
+from neotron.kernels.gated_delta_rule import gated_delta_rule
+from neotron.kernels.ttt import ttt_linear, ttt_mlp
 
-# Lazy so that `import neotron.kernels` stays cheap and an op folder that is not needed
-# is never imported (and never pulls an optional GPU dependency).
-_EXPORTS = {
-    "delta_rule": "neotron.kernels.delta_rule",
-    "gated_delta_rule": "neotron.kernels.gated_delta_rule",
-    "ttt_linear": "neotron.kernels.ttt",
-    "ttt_mlp": "neotron.kernels.ttt",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'neotron.kernels' has no attribute {name!r}")
+__all__ = ["delta_rule", "gated_delta_rule", "ttt_linear", "ttt_mlp"]

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import sys
-import types
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -117,17 +115,3 @@ def delta_rule(
         cu_seqlens=cu_seqlens,
         chunk_size=chunk_size,
     )
-
-
-class CallableModule(types.ModuleType):
-    """`neotron.kernels` exports the function `delta_rule` lazily under the same name as this
-    package; once anything imports the package, Python's import system binds the *module* as
-    `neotron.kernels.delta_rule`, shadowing the function. Making the module callable (it
-    forwards to its same-named function) keeps `neotron.kernels.delta_rule(...)` working
-    whatever the import order."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self, self.__name__.rsplit(".", 1)[-1])(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = CallableModule

@@ -6,11 +6,9 @@
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
-from neotron.kernels.delta_rule import CallableModule, Impl, check_impl, fla_op
+from neotron.kernels.delta_rule import Impl, check_impl, fla_op
 from neotron.kernels.gated_delta_rule.chunked import gated_delta_rule_chunked
 from neotron.kernels.gated_delta_rule.reference import gated_delta_rule_reference
 
@@ -78,7 +76,3 @@ def gated_delta_rule(
         cu_seqlens=cu_seqlens,
         chunk_size=chunk_size,
     )
-
-
-# See CallableModule: keeps `neotron.kernels.gated_delta_rule(...)` a call, not a module.
-sys.modules[__name__].__class__ = CallableModule
