@@ -7,6 +7,7 @@ import json
 import os
 import random
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +166,16 @@ def test_rerun_reuses_unchanged_and_rebuilds_changed(corpus, tmp_path: Path) -> 
     other = prepare(files_cfg(corpus, tmp_path / "out", tokenizer={"vocab_size": 320}))
     assert not other.reused and other.fingerprint != first.fingerprint
     assert not prepare(cfg, force=True).reused
+
+
+def test_concurrent_prepares_build_once(corpus, tmp_path: Path) -> None:
+    # Every rank of a distributed run calls prepare(); the lock makes one build, others reuse.
+    cfg = files_cfg(corpus, tmp_path / "out")
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: prepare(cfg), range(3)))
+    assert sorted(r.reused for r in results) == [False, True, True]
+    assert len({r.fingerprint for r in results}) == 1
+    assert open_prepared(cfg.dir).fingerprint == results[0].fingerprint
 
 
 def test_documents_are_eos_separated_and_split_disjoint(corpus, tmp_path: Path) -> None:

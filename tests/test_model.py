@@ -154,3 +154,23 @@ def test_trains_a_few_steps_on_a_fixed_batch():
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_seqinfo_from_eos_restarts_documents():
+    eos = 0
+    tokens = torch.tensor([[5, 6, 0, 7, 8, 9, 0, 3], [0, 1, 2, 3, 4, 5, 6, 7]])
+    seq = SeqInfo.for_tokens(tokens, eos)
+    assert seq.doc_ids.tolist() == [[0, 0, 0, 1, 1, 1, 1, 2], [0, 1, 1, 1, 1, 1, 1, 1]]
+    assert seq.positions.tolist() == [[0, 1, 2, 0, 1, 2, 3, 0], [0, 0, 1, 2, 3, 4, 5, 6]]
+    plain = SeqInfo.for_tokens(tokens)
+    assert plain.doc_ids is None and plain.positions.tolist() == list(range(8))
+
+
+def test_document_masked_model_equals_documents_run_apart():
+    model = materialize(build_model(small_cfg()), "cpu", seed=0).double()
+    eos = 0
+    doc_a, doc_b = torch.tensor([5, 6, 7, 0]), torch.tensor([8, 9, 10, 11, 12])
+    packed = torch.cat([doc_a, doc_b])[None]
+    out = model(packed, SeqInfo.for_tokens(packed, eos))
+    torch.testing.assert_close(out[:, :4], model(doc_a[None]))
+    torch.testing.assert_close(out[:, 4:], model(doc_b[None]))

@@ -38,5 +38,17 @@ class SeqInfo:
     doc_ids: torch.Tensor | None = None
 
     @classmethod
-    def for_tokens(cls, tokens: torch.Tensor) -> SeqInfo:
-        return cls(positions=torch.arange(tokens.shape[1], device=tokens.device))
+    def for_tokens(cls, tokens: torch.Tensor, eos_id: int | None = None) -> SeqInfo:
+        """Positions 0..T-1; with `eos_id`, documents of a packed row are kept apart: a new
+        document starts after each EOS token, and positions restart at 0 in each."""
+        T = tokens.shape[1]
+        idx = torch.arange(T, device=tokens.device)
+        if eos_id is None:
+            return cls(positions=idx)
+        is_eos = (tokens == eos_id).long()
+        doc_ids = is_eos.cumsum(dim=1) - is_eos  # the EOS belongs to the document it ends
+        starts = torch.zeros_like(is_eos, dtype=torch.bool)
+        starts[:, 0] = True
+        starts[:, 1:] = is_eos[:, :-1].bool()
+        first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+        return cls(positions=idx - first, doc_ids=doc_ids)

@@ -47,7 +47,8 @@ class CausalLM(nn.Module):
             nn.init.trunc_normal_(self.head.weight, std=hstd, a=-3 * hstd, b=3 * hstd)
 
     def forward(self, tokens: torch.Tensor, seq: SeqInfo | None = None) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, vocab]."""
+        """tokens [B, T] -> logits [B, T, vocab]. `seq` carries positions and document
+        boundaries (SeqInfo.for_tokens); by default one document per row."""
         seq = seq if seq is not None else SeqInfo.for_tokens(tokens)
         h = self.embed(tokens)
         for layer in self.layers:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from neotron.arch import build_model, materialize
+from neotron.arch.context import SeqInfo
 from neotron.config import RunConfig, to_yaml
 from neotron.data.loader import TokenLoader, ValLoader
 from neotron.data.prepare import PreparedData, prepare
@@ -43,6 +44,14 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
+def forward(model: torch.nn.Module, inputs: torch.Tensor, cfg: RunConfig, eos_id: int):
+    """Logits for a batch; with data.document_masking, documents packed into one row are
+    kept apart (attention masked across them, recurrent state reset, positions restarted)."""
+    eos = eos_id if cfg.data.document_masking else None
+    with autocast_for(cfg, inputs.device):
+        return model(inputs, SeqInfo.for_tokens(inputs, eos))
+
+
 def autocast_for(cfg: RunConfig, device: torch.device):
     precision = cfg.train.precision
     if precision == "auto":
@@ -62,8 +71,7 @@ def evaluate(model: torch.nn.Module, data: PreparedData, cfg: RunConfig, env: Di
                         dp_rank=env.rank, dp_world=env.world_size)
     for batch in batches:
         batch = batch.to(env.device)
-        with autocast_for(cfg, env.device):
-            logits = model(batch[:, :-1])
+        logits = forward(model, batch[:, :-1], cfg, data.eos_id)
         total += lm_loss(logits, batch[:, 1:]).item() * batch.shape[0]
         count += batch.shape[0]
     model.train(was_training)
@@ -154,8 +162,7 @@ class Trainer:
         micro = batch.split(cfg.train.micro_batch_size)
         loss_sum = torch.zeros((), device=self.env.device)
         for mb in micro:
-            with autocast_for(cfg, self.env.device):
-                logits = self.model(mb[:, :-1])
+            logits = forward(self.model, mb[:, :-1], cfg, self.data.eos_id)
             # Every micro-batch has the same token count, so the mean of means is the mean.
             loss = lm_loss(logits, mb[:, 1:]) / len(micro)
             loss.backward()
