@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -65,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Library modules log progress (data preparation, ...) through `logging`; show it on the
+    # console. Under torchrun only rank 0 talks, errors excepted.
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(message)s", stream=sys.stdout)
     try:
         cfg = load(args.config, args.overrides)
         return COMMANDS[args.command][0](cfg, args)

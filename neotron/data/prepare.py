@@ -211,6 +211,8 @@ def _prepare_locked(cfg: DataConfig, root: Path, key: str, progress: bool | None
     staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(), dir=root))
     try:
         t0 = time.perf_counter()
+        tok = cfg.tokenizer.path or f"a new {cfg.tokenizer.vocab_size}-token byte-level BPE"
+        log.info("data: preparing %s from source '%s' with %s", root, cfg.source, tok)
         index = _build(cfg, staging, key, progress)
         _install(staging, root)
         log.info(
