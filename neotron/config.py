@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from neotron.arch.config import ModelConfig
 from neotron.arch.registry import FFNS, LINEARS, MIXERS
@@ -34,13 +34,50 @@ class ScheduleConfig(StrictModel):
 
 
 class OptimConfig(StrictModel):
-    name: Literal["adamw"] = "adamw"
-    lr: float = Field(default=3e-4, gt=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(default=1e-8, gt=0)
-    weight_decay: float = Field(default=0.1, ge=0)
+    """Optimizers per parameter group; routing rules and units in docs/optimizers.md."""
+
+    name: Literal["adamw", "muon", "normuon"] = Field(
+        default="adamw", description="optimizer of the hidden 2-D matrices; AdamW for the rest"
+    )
+    lr: float = Field(
+        default=3e-4, gt=0,
+        description="peak lr of the hidden matrices (and of everything else unless adamw_lr)",
+    )
+    betas: tuple[float, float] = Field(default=(0.9, 0.95), description="AdamW's")
+    eps: float = Field(default=1e-8, gt=0, description="AdamW's")
+    weight_decay: float = Field(default=0.1, ge=0, description="decoupled, of the hidden matrices")
     grad_clip: float = Field(default=1.0, ge=0, description="max global grad norm; 0 = off")
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    adamw_lr: float | None = Field(
+        default=None, gt=0,
+        description="peak lr of the AdamW-trained params (embeddings, head, norms, ...); None = lr",
+    )
+    adamw_weight_decay: float | None = Field(
+        default=None, ge=0,
+        description="weight decay of the AdamW-trained matrices (untied head); None = weight_decay",
+    )
+    sparse_lr: float | None = Field(
+        default=None, gt=0, description="peak lr of sparse lookup tables; None = the AdamW lr"
+    )
+    momentum: float = Field(default=0.95, ge=0, lt=1, description="muon/normuon")
+    nesterov: bool = Field(default=True, description="muon/normuon")
+    ns_steps: int = Field(default=5, ge=1, description="muon/normuon: Newton-Schulz iterations")
+    adjust_lr: Literal["match_rms_adamw", "original"] = Field(
+        default="match_rms_adamw",
+        description="muon/normuon lr units: match_rms_adamw = AdamW's, original = Muon's (~0.02)",
+    )
+    beta2: float = Field(
+        default=0.95, ge=0, lt=1, description="normuon: EMA of the per-row second moment"
+    )
+
+    @model_validator(mode="after")
+    def _check_units(self) -> OptimConfig:
+        if self.name != "adamw" and self.adjust_lr == "original" and self.adamw_lr is None:
+            raise ValueError(
+                "@adamw_lr: required when optim.adjust_lr=original: lr is then in Muon units"
+                " (~0.02) and must not be used for the AdamW-trained parameters"
+            )
+        return self
 
 
 class TrainConfig(StrictModel):
@@ -57,6 +94,19 @@ class TrainConfig(StrictModel):
         gt=0,
         description="save and exit at this step; the schedule still spans train.steps",
     )
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        default="none",
+        description="recompute each block's activations in backward: full = everything,"
+        " selective = all but matmul/attention outputs",
+    )
+    compile: bool = Field(default=False, description="torch.compile each block")
+    nan_policy: Literal["abort", "skip"] = Field(
+        default="abort",
+        description="on a non-finite loss or grad norm: abort the run, or skip the optimizer step",
+    )
+    max_consecutive_skips: int = Field(
+        default=5, gt=0, description="nan_policy=skip: abort after this many skips in a row"
+    )
 
 
 class EvalConfig(StrictModel):
@@ -67,11 +117,31 @@ class EvalConfig(StrictModel):
 
 
 class CheckpointConfig(StrictModel):
+    # `async` is a Python keyword: the field is `async_`, spelt `async` in YAML and in dumps.
+    model_config = ConfigDict(serialize_by_alias=True)
+
     every: int = Field(default=500, ge=0, description="0 = only at the end")
     keep_last: int = Field(default=2, ge=1)
     resume: Literal["auto", "never"] = Field(
         default="auto", description="auto = continue from run_dir's latest checkpoint if any"
     )
+    async_: bool = Field(
+        default=False,
+        alias="async",
+        description="write checkpoints in a background thread; the step only waits for the"
+        " copy of the state to host memory",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_keys(cls, data: Any) -> Any:  # overrides StrictModel's: knows `async`
+        if isinstance(data, dict) and "async_" in data:
+            raise ValueError("@async_: unknown key; did you mean 'async'?")
+        if isinstance(data, dict) and "async" in data:
+            data = {("async_" if k == "async" else k): v for k, v in data.items()}
+            out = StrictModel._reject_unknown_keys.__func__(cls, data)
+            return {("async" if k == "async_" else k): v for k, v in out.items()}
+        return StrictModel._reject_unknown_keys.__func__(cls, data)
 
 
 class LogConfig(StrictModel):
@@ -83,9 +153,27 @@ class LogConfig(StrictModel):
 
 
 class ParallelConfig(StrictModel):
-    dp_shard: int = Field(default=-1, description="FSDP degree; -1 = the rest of the world")
-    dp_replicate: int = Field(default=1, gt=0)
-    tp: int = Field(default=1, gt=0)
+    """Degrees of the device mesh (dp_replicate, dp_shard, tp); their product is the world size,
+    which is only known at start-up: -1 (at most one) means "the rest of the world"."""
+
+    dp_shard: int = Field(default=-1, ge=-1, description="FSDP degree; -1 = the rest of the world")
+    dp_replicate: int = Field(
+        default=1, ge=-1, description="replicas of the FSDP group (HSDP); 1 = plain FSDP"
+    )
+    tp: int = Field(default=1, ge=-1, description="tensor-parallel degree (heads, FFN, vocab)")
+    timeout_s: float = Field(
+        default=600.0, gt=0, description="process-group timeout: a collective waiting longer fails"
+    )
+
+    @model_validator(mode="after")
+    def _check_degrees(self) -> ParallelConfig:
+        for key in ("dp_shard", "dp_replicate", "tp"):
+            if getattr(self, key) == 0:
+                raise ValueError(f"@{key}: must be a positive degree or -1 (the rest), got 0")
+        auto = [k for k in ("dp_replicate", "dp_shard", "tp") if getattr(self, k) == -1]
+        if len(auto) > 1:
+            raise ValueError(f"@{auto[1]}: only one of {', '.join(auto)} may be -1")
+        return self
 
 
 class RunConfig(StrictModel):
@@ -117,6 +205,13 @@ class RunConfig(StrictModel):
                 f"@model.vocab_size: {self.model.vocab_size} is smaller than the tokenizer's"
                 f" data.tokenizer.vocab_size={self.data.tokenizer.vocab_size}"
             )
+        if self.parallel.tp > 1:
+            # Shapes that tensor parallelism splits must divide by tp (the plans live next to
+            # the blocks' code, in arch/tp_plans.py). tp = -1 is checked at start-up.
+            from neotron.arch.tp_plans import tp_config_errors
+
+            for key, msg in tp_config_errors(self.model, self.parallel.tp):
+                raise ValueError(f"@model.{key}: {msg}")
         if self.optim.schedule.warmup_steps >= self.train.steps and self.train.steps > 1:
             raise ValueError(
                 f"@optim.schedule.warmup_steps: {self.optim.schedule.warmup_steps} is not"

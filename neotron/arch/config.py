@@ -10,7 +10,16 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 # Imported for their registrations (the registry decorators run at import).
-from neotron.arch import attention, linear, mlp  # noqa: F401
+from neotron.arch import (  # noqa: F401
+    attention,
+    deltanet,
+    linear,
+    memory,
+    memoryformer,
+    mlp,
+    tokenformer,
+    ttt,
+)
 from neotron.arch.attention import AttentionConfig
 from neotron.arch.linear import DenseLinearConfig
 from neotron.arch.mlp import SwiGLUConfig
@@ -42,14 +51,32 @@ class ModelConfig(StrictModel):
     blocks: dict[str, BlockConfig] = Field(default_factory=lambda: {"attention": BlockConfig()})
     pattern: list[str] | None = Field(
         default=None,
-        description="block names repeated over depth; None = the only block of `blocks`",
+        description="block names repeated over depth; None = the only block of `blocks`"
+        " (the only one not placed by `block_at`)",
+    )
+    block_at: dict[str, list[int]] = Field(
+        default_factory=dict,
+        description="block name -> 0-based layers that use it instead of the pattern's block,"
+        " e.g. {memory: [4, 12, 20]}",
     )
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
         if not self.blocks:
             raise ValueError("@blocks: at least one block must be defined")
-        if self.pattern is None and len(self.blocks) > 1:
+        placed: dict[int, str] = {}
+        for name, layers in self.block_at.items():
+            if name not in self.blocks:
+                raise ValueError(
+                    f"@block_at.{name}: unknown block '{name}' (defined: {', '.join(self.blocks)})"
+                )
+            for i in layers:
+                if not 0 <= i < self.n_layers:
+                    raise ValueError(f"@block_at.{name}: layer {i} is not in [0, {self.n_layers})")
+                if i in placed and placed[i] != name:
+                    raise ValueError(f"@block_at.{name}: layer {i} is also given to '{placed[i]}'")
+                placed[i] = name
+        if self.pattern is None and len(self._unplaced_blocks()) != 1:
             raise ValueError(
                 f"@pattern: required when several blocks are defined ({', '.join(self.blocks)})"
             )
@@ -66,7 +93,14 @@ class ModelConfig(StrictModel):
                     raise ValueError(f"@blocks.{name}.{part}.{key}: {msg}")
         return self
 
+    def _unplaced_blocks(self) -> list[str]:
+        return [b for b in self.blocks if b not in self.block_at] or list(self.blocks)
+
     def layer_blocks(self) -> list[str]:
-        """The block name of every layer, the pattern repeated over depth."""
-        pattern = self.pattern or list(self.blocks)
-        return [pattern[i % len(pattern)] for i in range(self.n_layers)]
+        """The block name of every layer: the pattern repeated over depth, then `block_at`."""
+        pattern = self.pattern or self._unplaced_blocks()
+        names = [pattern[i % len(pattern)] for i in range(self.n_layers)]
+        for name, layers in self.block_at.items():
+            for i in layers:
+                names[i] = name
+        return names

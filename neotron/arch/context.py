@@ -3,6 +3,7 @@ sequence it is processing (forward time)."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -52,3 +53,17 @@ class SeqInfo:
         starts[:, 1:] = is_eos[:, :-1].bool()
         first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
         return cls(positions=idx - first, doc_ids=doc_ids)
+
+    @functools.cached_property
+    def cu_seqlens(self) -> torch.Tensor | None:
+        """Document boundaries with the batch flattened into one packed row of B*T tokens, in
+        the flash-attn / fla convention [0, end_1, end_2, ..., B*T] (int64), or None without
+        doc_ids. A row start is always a boundary: no document spans two rows. Recurrent
+        mixers feed their [B, T, ...] tensors to varlen kernels as [1, B*T, ...] with these."""
+        if self.doc_ids is None:
+            return None
+        B, T = self.doc_ids.shape
+        starts = torch.ones_like(self.doc_ids, dtype=torch.bool)
+        starts[:, 1:] = self.doc_ids[:, 1:] != self.doc_ids[:, :-1]
+        idx = starts.flatten().nonzero().squeeze(1)
+        return torch.cat([idx, idx.new_full((1,), B * T)])

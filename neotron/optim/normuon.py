@@ -8,16 +8,24 @@ lr scale. Distributed reference: microsoft/dion, dion/normuon.py.
 
 Like :mod:`neotron.optim.muon`, the math is a function (:func:`neuron_normalize_`) on whole
 matrices or batches of them, so the distributed optimizer can call it on the owner rank.
+
+Distributed choice (documented in docs/optimizers.md): the per-row second moment ``v`` is
+stored sharded exactly like the parameter's rows (FSDP2: a ``Shard(0)`` DTensor ``[rows, 1]``);
+its rows travel with the matrix to the owner rank, which runs :func:`neuron_normalize_` on the
+whole matrix (whole rows for ``v``, the whole matrix for the Frobenius rescale) and returns each
+rank its rows of the update and of ``v``. The result is the single-device one, bit for bit, and
+the state reshards through DCP like any row-sharded tensor.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
+from neotron.optim.distributed import row_state_like
 from neotron.optim.muon import AdjustLR, Muon, muon_update
 
 __all__ = ["NorMuon", "neuron_normalize_", "normuon_update"]
@@ -84,7 +92,7 @@ def normuon_update(
 
 
 class NorMuon(Muon):
-    r"""NorMuon for 2-D hidden weight matrices, single device (or replicated params).
+    r"""NorMuon for 2-D hidden weight matrices (plus optional AdamW groups, as :class:`Muon`).
 
     Per parameter ``W`` ``[rows, cols]``: Muon's momentum and orthogonalization
     (see :class:`~neotron.optim.muon.Muon`), then per output row ``i``::
@@ -101,12 +109,16 @@ class NorMuon(Muon):
     ``||O||_F = sqrt(min(rows, cols))``, i.e. up to the Newton-Schulz band S'.
 
     State per parameter: ``{"momentum_buffer": [rows, cols], "second_momentum": [rows, 1]}``,
-    both in the param's dtype; tensors only.
+    both in the param's dtype and laid out like the param's rows (sharded by FSDP2 like it);
+    tensors only. Distributed: ``v``'s rows go to the owner with the matrix (module docstring).
 
     Args: as :class:`~neotron.optim.muon.Muon`, plus
         beta2: EMA coefficient of the per-row second moment (default 0.95).
         norm_eps: added to sqrt(v) (default 1e-10, as in the official code).
     """
+
+    matrix_algorithm: ClassVar[str] = "normuon"
+    row_states: ClassVar[tuple[str, ...]] = ("second_momentum",)
 
     def __init__(
         self,
@@ -120,6 +132,7 @@ class NorMuon(Muon):
         adjust_lr: AdjustLR = "match_rms_adamw",
         beta2: float = 0.95,
         norm_eps: float = 1e-10,
+        **kwargs: Any,
     ) -> None:
         super().__init__(
             params,
@@ -132,10 +145,13 @@ class NorMuon(Muon):
             adjust_lr=adjust_lr,
             beta2=beta2,
             norm_eps=norm_eps,
+            **kwargs,  # adamw_betas, adamw_eps, process_group, comm_batch, batch_ns
         )
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
+        if group["algorithm"] == "adamw":
+            return
         if not 0.0 <= group["beta2"] < 1.0:
             raise ValueError(f"NorMuon: beta2 must be in [0, 1), got {group['beta2']}")
         if not group["norm_eps"] > 0.0:
@@ -143,17 +159,18 @@ class NorMuon(Muon):
 
     def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
         super()._init_state(p, state)
-        state["second_momentum"] = torch.zeros((p.shape[0], 1), dtype=p.dtype, device=p.device)
+        if "second_momentum" not in state:
+            state["second_momentum"] = row_state_like(p, 1)
 
-    def _direction(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
-        return normuon_update(
-            grad,
-            state["momentum_buffer"],
-            state["second_momentum"],
-            momentum=group["momentum"],
-            nesterov=group["nesterov"],
-            ns_steps=group["ns_steps"],
-            eps=group["eps"],
-            beta2=group["beta2"],
-            norm_eps=group["norm_eps"],
+    def _direction_dtype(self, p: Tensor, layout: str) -> torch.dtype:
+        return p.dtype  # the normalized update is not bf16-exact: send it in the param's dtype
+
+    def _finish(
+        self, ortho: Tensor, rows: dict[str, Tensor], group: dict[str, Any],
+        param_dtype: torch.dtype,
+    ) -> Tensor:
+        # In the param's dtype, as on a single device where NS returns the (fp32) grad's dtype.
+        return neuron_normalize_(
+            ortho.to(param_dtype), rows["second_momentum"], beta2=group["beta2"],
+            eps=group["norm_eps"],
         )

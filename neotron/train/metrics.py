@@ -93,12 +93,13 @@ class MetricsLogger:
         step = record["step"]
         parts = [f"step {step:>6}/{self.total_steps}"]
         if "loss" in record:
-            parts.append(f"loss {record['loss']:.4f}")
+            loss = record["loss"]
+            parts.append(f"loss {loss:.4f}" if loss is not None else "loss non-finite (skipped)")
         if "val_loss" in record:
             parts.append(f"val_loss {record['val_loss']:.4f} ppl {record['val_ppl']:.1f}")
         if "lr" in record:
             parts.append(f"lr {record['lr']:.2e}")
-        if "grad_norm" in record:
+        if record.get("grad_norm") is not None:
             parts.append(f"gnorm {record['grad_norm']:.3f}")
         if "tokens_per_s" in record:
             parts.append(f"{record['tokens_per_s']:,.0f} tok/s")

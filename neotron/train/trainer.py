@@ -3,6 +3,12 @@
 The loop is written so that a run resumed from a checkpoint takes exactly the same steps as an
 uninterrupted one: the data position, optimizer state, RNG state and step are restored, and the
 learning rate is a pure function of the step (optim/schedules.py).
+
+The same loop runs in one process or under torchrun (train/parallel.py builds the mesh and
+wraps the model). Each step ends with one all-reduce of a small vector (this rank's share of
+the squared gradient norm, its loss, its stop request) and one host sync to read it: that
+gives the global grad norm for clipping, the logged loss averaged over data-parallel ranks,
+the non-finite check of `train.nan_policy`, and a stop decision every rank agrees on.
 """
 
 from __future__ import annotations
@@ -23,12 +29,23 @@ from neotron.arch.context import SeqInfo
 from neotron.config import RunConfig, to_yaml
 from neotron.data.loader import TokenLoader, ValLoader
 from neotron.data.prepare import PreparedData, prepare
+from neotron.errors import ConfigError
 from neotron.optim.builder import build_optimizer, routing_table
 from neotron.optim.schedules import lr_multiplier
 from neotron.train.checkpoint import Checkpointer
-from neotron.train.faults import StopFlag
+from neotron.train.faults import FaultPlan, StopFlag
 from neotron.train.metrics import MetricsLogger, peak_flops
-from neotron.train.parallel import DistEnv, parallelize, setup_env
+from neotron.train.parallel import (
+    DistEnv,
+    all_reduce_sum,
+    barrier,
+    clip_grads_,
+    grad_sq_norm,
+    parallelize,
+    reshard_after_no_grad,
+    setup_env,
+    teardown,
+)
 
 
 @dataclass
@@ -44,39 +61,61 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-def forward(model: torch.nn.Module, inputs: torch.Tensor, cfg: RunConfig, eos_id: int):
+def forward(model: torch.nn.Module, inputs: torch.Tensor, cfg: RunConfig, eos_id: int,
+            env: DistEnv | None = None):
     """Logits for a batch; with data.document_masking, documents packed into one row are
     kept apart (attention masked across them, recurrent state reset, positions restarted)."""
     eos = eos_id if cfg.data.document_masking else None
-    with autocast_for(cfg, inputs.device):
+    with autocast_for(cfg, inputs.device, env):
         return model(inputs, SeqInfo.for_tokens(inputs, eos))
 
 
-def autocast_for(cfg: RunConfig, device: torch.device):
-    precision = cfg.train.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16":
+def autocast_for(cfg: RunConfig, device: torch.device, env: DistEnv | None = None):
+    """bf16 autocast when the run computes in bf16 and FSDP2 is not already casting the
+    parameters (its MixedPrecisionPolicy does that under data parallelism)."""
+    if env is not None:
+        use = env.autocast
+    else:
+        precision = cfg.train.precision
+        if precision == "auto":
+            precision = "bf16" if device.type == "cuda" else "fp32"
+        use = precision == "bf16"
+    if use:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: PreparedData, cfg: RunConfig, env: DistEnv) -> dict:
-    """Loss and perplexity on the same held-out windows every time."""
+    """Loss and perplexity on the same held-out windows every time; each data-parallel rank
+    evaluates its slice of every batch, and the sums are all-reduced (one sync at the end)."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
     batches = ValLoader(data.val, cfg.data.seq_len, cfg.eval.batch_size, cfg.eval.batches,
-                        dp_rank=env.rank, dp_world=env.world_size)
+                        dp_rank=env.dp_rank, dp_world=env.dp_world)
+    # [sum of per-row losses, rows], accumulated on the device in float64
+    total = torch.zeros(2, dtype=torch.float64, device=env.device)
     for batch in batches:
         batch = batch.to(env.device)
-        logits = forward(model, batch[:, :-1], cfg, data.eos_id)
-        total += lm_loss(logits, batch[:, 1:]).item() * batch.shape[0]
-        count += batch.shape[0]
+        logits = forward(model, batch[:, :-1], cfg, data.eos_id, env)
+        rows = batch.shape[0]
+        total[0] += lm_loss(logits, batch[:, 1:]).double() * rows
+        total[1] += rows
+    if env.fsdp:
+        reshard_after_no_grad(model)
+    # tensor-parallel ranks of one data-parallel group count the same rows: the ratio is right
+    total = all_reduce_sum(total, env)
     model.train(was_training)
-    loss = total / count
+    loss = (total[0] / total[1]).item()
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+
+@dataclass
+class StepStats:
+    loss: float  # mean over data-parallel ranks
+    grad_norm: float  # global, before clipping
+    finite: bool  # loss and grad norm finite: the optimizer stepped
+    stop: bool  # some rank asked to stop (SIGTERM/SIGINT): all stop after this step
 
 
 def _memory_record(device: torch.device) -> dict[str, float]:
@@ -89,38 +128,79 @@ def _memory_record(device: torch.device) -> dict[str, float]:
 class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
-        self.env = setup_env(cfg.train.device)
+        self.env = env = setup_env(cfg)
         self.run_dir = Path(cfg.run_dir)
-        if self.env.is_main:
+        if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-        self.data = prepare(cfg.data)
+        self._check_batch_layout()
+        self.data = self._prepare_data()
         if self.data.vocab_size > cfg.model.vocab_size:
             raise ValueError(
                 f"the tokenizer has {self.data.vocab_size} tokens but model.vocab_size is"
                 f" {cfg.model.vocab_size}"
             )
-        model = materialize(build_model(cfg.model), self.env.device, cfg.train.seed)
-        self.model = parallelize(model, self.env)
+        # Every rank builds the whole model from the same seed, then parallelize() keeps its
+        # shards: the weights are those of a single-process run whatever the layout.
+        model = materialize(build_model(cfg.model), env.device, cfg.train.seed)
+        self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
+        self.n_params = sum(p.numel() for p in model.parameters())
+        self.model = parallelize(model, env, cfg.train)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self._group_settings = [(g["base_lr"], g["weight_decay"]) for g in self.optimizer.param_groups]
         self.loader = TokenLoader(self.data.train, cfg.data.seq_len, cfg.train.seed,
-                                  dp_rank=self.env.rank, dp_world=self.env.world_size)
+                                  dp_rank=env.dp_rank, dp_world=env.dp_world)
         self.ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
-                                 is_writer=self.env.is_main)
+                                 is_writer=env.is_main, async_save=cfg.checkpoint.async_,
+                                 process_group=env.ckpt_group)
+        self.faults = FaultPlan(env.rank)
+        self.stop = StopFlag()
         self.step = 0
         self.tokens = 0
+        self.skipped = 0  # optimizer steps skipped by nan_policy=skip, in the whole run
+        self.consecutive_skips = 0
         self.resumed_from: Path | None = None
         # Seed after building so the first step's RNG does not depend on how many random
         # numbers initialization drew (a resumed run restores this state from the checkpoint).
-        torch.manual_seed(cfg.train.seed + 1)
+        # Data-parallel ranks get distinct streams; tensor-parallel ranks of one group share one.
+        torch.manual_seed(cfg.train.seed + 1 + env.dp_rank)
         self._maybe_resume()
         self.metrics = MetricsLogger(
-            self.run_dir, is_writer=self.env.is_main, tensorboard=cfg.log.tensorboard,
+            self.run_dir, is_writer=env.is_main, tensorboard=cfg.log.tensorboard,
             resume_step=self.step if self.resumed_from else None, total_steps=cfg.train.steps,
         )
-        self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
-        self.peak = peak_flops(self.env.device, cfg.log.peak_flops)
+        self.peak = peak_flops(env.device, cfg.log.peak_flops)
+
+    def _check_batch_layout(self) -> None:
+        """What the config alone could not check: the batches must split over this run's
+        data-parallel ranks (the world size is only known now)."""
+        cfg, dp = self.cfg, self.env.dp_world
+        gbs, micro = cfg.global_batch_size, cfg.train.micro_batch_size
+        if gbs % dp or (gbs // dp) % micro:
+            raise ConfigError(
+                f"train.global_batch_tokens={cfg.train.global_batch_tokens} gives {gbs} sequences"
+                f" per step, which do not split into {dp} data-parallel ranks x whole"
+                f" micro-batches of train.micro_batch_size={micro}; make it a multiple of"
+                f" {dp * micro * cfg.data.seq_len} tokens (or change the layout: {self.env.dims})"
+            )
+        if cfg.eval.batch_size % dp:
+            raise ConfigError(
+                f"eval.batch_size={cfg.eval.batch_size} is not divisible by the {dp}"
+                " data-parallel ranks"
+            )
+
+    def _prepare_data(self) -> PreparedData:
+        """Tokenize once, not once per rank: rank 0 first, then the first rank of every other
+        node (for node-local data dirs; a no-op on a shared file system), then the rest."""
+        if self.env.distributed:
+            if self.env.is_main:
+                prepare(self.cfg.data)
+            barrier()
+            if self.env.local_rank == 0 and not self.env.is_main:
+                prepare(self.cfg.data)
+            barrier()
+        return prepare(self.cfg.data)
 
     # ------------------------------------------------------------ resume
 
@@ -130,13 +210,20 @@ class Trainer:
         latest = self.ckpt.latest()
         if latest is None:
             return
-        meta = self.ckpt.load(latest, self.model, self.optimizer,
-                              restore_rng=True)
+        meta = self.ckpt.load(latest, self.model, self.optimizer, restore_rng=True)
+        if self.ckpt.rng_restored is False:
+            self._rng_warning = (
+                f"warning: {latest.name} was written by {meta.get('world_size', 1)} process(es),"
+                f" this run has {self.env.world_size}: model, optimizer and data position are"
+                " resharded, but the RNG states are not restored (fresh seeds per rank)"
+            )
         # The config wins over the checkpoint for settings the user may change on resume.
         for group, (base_lr, wd) in zip(self.optimizer.param_groups, self._group_settings):
             group["base_lr"], group["weight_decay"] = base_lr, wd
         self.loader.load_state_dict(meta["data"])
         self.step, self.tokens = meta["step"], meta["tokens"]
+        self.skipped = int(meta.get("skipped_steps", 0))
+        self.consecutive_skips = int(meta.get("consecutive_skips", 0))
         self.resumed_from = latest
 
     def _save(self) -> Path:
@@ -144,7 +231,10 @@ class Trainer:
             "tokens": self.tokens,
             "data": self.loader.state_dict(),
             "world_size": self.env.world_size,
-            "model_params": sum(p.numel() for p in self.model.parameters()),
+            "parallel": list(self.env.dims.shape),
+            "model_params": self.n_params,
+            "skipped_steps": self.skipped,
+            "consecutive_skips": self.consecutive_skips,
         }
         return self.ckpt.save(self.step, self.model, self.optimizer, meta)
 
@@ -156,22 +246,52 @@ class Trainer:
             group["lr"] = group["base_lr"] * mult
         return self.optimizer.param_groups[0]["lr"]
 
-    def _train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.cfg
-        batch = self.loader.next_batch(cfg.global_batch_size).to(self.env.device)
+    def _train_step(self) -> StepStats:
+        cfg, env = self.cfg, self.env
+        batch = self.loader.next_batch(cfg.global_batch_size).to(env.device)
         micro = batch.split(cfg.train.micro_batch_size)
-        loss_sum = torch.zeros((), device=self.env.device)
+        loss_sum = torch.zeros((), device=env.device)
+        poison = self.faults.nan_at(self.step + 1)
         for mb in micro:
-            logits = forward(self.model, mb[:, :-1], cfg, self.data.eos_id)
+            logits = forward(self.model, mb[:, :-1], cfg, self.data.eos_id, env)
             # Every micro-batch has the same token count, so the mean of means is the mean.
             loss = lm_loss(logits, mb[:, 1:]) / len(micro)
+            if poison:
+                loss = loss * float("nan")
             loss.backward()
             loss_sum += loss.detach()
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=False)
-        self.optimizer.step()
+        # One all-reduce: [this rank's share of |grad|^2, its loss, its stop request].
+        stats = torch.stack([
+            grad_sq_norm(self.params, env.world_size),
+            loss_sum.float(),
+            torch.tensor(float(self.stop.requested), device=env.device),
+        ])
+        stats = all_reduce_sum(stats, env)
+        grad_norm = stats[0].sqrt()
+        if cfg.optim.grad_clip > 0:
+            clip_grads_(self.params, cfg.optim.grad_clip, grad_norm)  # on the device, no sync
+        sq, loss_total, stop = stats.tolist()  # the step's one host sync
+        finite = math.isfinite(sq) and math.isfinite(loss_total)
+        if finite:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum, grad_norm
+        return StepStats(loss=loss_total / env.world_size, grad_norm=math.sqrt(sq),
+                         finite=finite, stop=stop > 0)
+
+    def _on_non_finite(self, st: StepStats) -> None:
+        what = f"loss {st.loss} / grad norm {st.grad_norm} at step {self.step} is not finite"
+        if self.cfg.train.nan_policy == "abort":
+            raise FloatingPointError(f"{what} (train.nan_policy=abort; the update was not applied)")
+        self.skipped += 1
+        self.consecutive_skips += 1
+        limit = self.cfg.train.max_consecutive_skips
+        if self.consecutive_skips >= limit:
+            raise FloatingPointError(
+                f"{what}: {self.consecutive_skips} optimizer steps skipped in a row"
+                f" (train.max_consecutive_skips={limit}); giving up"
+            )
+        self.metrics.info(f"{what}: optimizer step skipped ({self.consecutive_skips} in a row,"
+                          f" {self.skipped} in the run)")
 
     def _should(self, every: int) -> bool:
         return (every > 0 and self.step % every == 0) or self.step == self.cfg.train.steps
@@ -184,15 +304,34 @@ class Trainer:
         return val["val_loss"]
 
     def run(self) -> TrainResult:
-        cfg, log = self.cfg, self.metrics
-        stop = StopFlag().install()
-        n_params = sum(p.numel() for p in self.model.parameters())
-        log.info(f"neotron: {n_params / 1e6:.2f}M parameters, {self.flops_per_token / 1e6:.1f}"
+        try:
+            result = self._run()
+        except BaseException:
+            # Leave a background checkpoint write unfinished (never renamed into place: the
+            # previous checkpoint stays `latest`) rather than wait on peers that may be gone.
+            self.metrics.close()
+            self.stop.uninstall()
+            raise
+        self.metrics.close()
+        self.stop.uninstall()
+        teardown(self.env)
+        return result
+
+    def _run(self) -> TrainResult:
+        cfg, log, env = self.cfg, self.metrics, self.env
+        self.stop.install()
+        log.info(f"neotron: {self.n_params / 1e6:.2f}M parameters, {self.flops_per_token / 1e6:.1f}"
                  f" MFLOP/token, {self.data.train.total_tokens:,} training tokens, device"
-                 f" {self.env.device}")
-        log.info("optimizer groups:\n" + routing_table(self.model))
+                 f" {env.device}")
+        if env.distributed:
+            d = env.dims
+            log.info(f"parallel: {env.world_size} processes = dp_replicate {d.dp_replicate} x"
+                     f" dp_shard {d.dp_shard} x tp {d.tp}; precision {env.precision}")
+        log.info("optimizer groups:\n" + routing_table(self.model, cfg.optim))
         if self.resumed_from is not None:
             log.info(f"resumed from {self.resumed_from} (step {self.step})")
+        if getattr(self, "_rng_warning", None):
+            log.info(self._rng_warning)
         self.model.train()
         last_val: float | None = None
         t_last, tokens_last = time.time(), self.tokens
@@ -200,38 +339,54 @@ class Trainer:
         if cfg.eval.at_start and self.step == 0:
             self._log_eval()
         while self.step < cfg.train.steps:
+            self.faults.before_step(self.step + 1)
             lr = self._set_lr()
-            loss, grad_norm = self._train_step()
+            st = self._train_step()
             self.step += 1
             self.tokens += cfg.train.global_batch_tokens
+            if st.finite:
+                self.consecutive_skips = 0
+            else:
+                self._on_non_finite(st)
+            done = self.ckpt.poll()
+            if done is not None:
+                log.info(f"saved checkpoint {done}")
             if self._should(cfg.log.every):
-                loss_v, gnorm_v = loss.item(), grad_norm.item()
-                if not math.isfinite(loss_v):
-                    raise FloatingPointError(f"loss is {loss_v} at step {self.step}")
                 now = time.time()
                 tps = (self.tokens - tokens_last) / max(now - t_last, 1e-9)
                 t_last, tokens_last = now, self.tokens
                 record: dict[str, Any] = {
-                    "step": self.step, "loss": loss_v, "lr": lr, "grad_norm": gnorm_v,
+                    "step": self.step, "loss": st.loss if st.finite else None, "lr": lr,
+                    "grad_norm": st.grad_norm if st.finite else None,
                     "tokens": self.tokens, "tokens_per_s": tps,
-                    "mfu": (self.flops_per_token * tps / (self.peak * self.env.world_size)
+                    "mfu": (self.flops_per_token * tps / (self.peak * env.world_size)
                             if self.peak else None),
-                    **_memory_record(self.env.device),
+                    "skipped_steps": self.skipped,
+                    **_memory_record(env.device),
                 }
                 log.log(record)
                 log.console(record)
             if self._should(cfg.eval.every):
                 last_val = self._log_eval()
             at_stop = cfg.train.stop_at_step is not None and self.step >= cfg.train.stop_at_step
-            if self._should(cfg.checkpoint.every) or stop.requested or at_stop:
+            if self._should(cfg.checkpoint.every) or st.stop or at_stop:
+                done = self.ckpt.wait()  # the previous background write, if still going
+                if done is not None:
+                    log.info(f"saved checkpoint {done}")
                 path = self._save()
-                log.info(f"saved checkpoint {path}")
-            if stop.requested or at_stop:
-                why = stop.signal_name or f"train.stop_at_step={cfg.train.stop_at_step}"
+                if self.ckpt.pending:
+                    log.info(f"checkpoint {path.name}: state staged, writing in the background")
+                else:
+                    log.info(f"saved checkpoint {path}")
+            if st.stop or at_stop:
+                why = (self.stop.signal_name or "a stop request on another rank") if st.stop \
+                    else f"train.stop_at_step={cfg.train.stop_at_step}"
                 log.info(f"stopping at step {self.step} ({why}); resume with the same command")
                 stopped_early = self.step < cfg.train.steps
                 break
-        log.close()
+        done = self.ckpt.wait()
+        if done is not None:
+            log.info(f"saved checkpoint {done}")
         return TrainResult(self.step, self.tokens, stopped_early, last_val)
 
 
