@@ -105,13 +105,9 @@ def grow(
     if latest is None:
         raise UsageError(f"no checkpoint to grow from in {parent_ckpt.dir}")
     out_ckpt = Checkpointer(dst / "checkpoints", target.checkpoint.keep_last)
-    if out_ckpt.latest() is not None:
-        if not force:
-            raise UsageError(f"{out_ckpt.dir} already holds checkpoints (--force replaces them)")
-        shutil.rmtree(out_ckpt.dir)
-        for stale in ("metrics.jsonl", "tb"):
-            p = dst / stale
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    occupied = out_ckpt.latest() is not None
+    if occupied and not force:
+        raise UsageError(f"{out_ckpt.dir} already holds checkpoints (--force replaces them)")
     _check_same_run(parent_cfg, target)
 
     # The target first: the parent's load then restores the checkpoint's RNG state, which the
@@ -190,6 +186,11 @@ def grow(
     new_meta["grown_from"] = {"checkpoint": str(latest.resolve()), "step": meta["step"],
                               "model_params": sum(p.numel() for p in parent.parameters()),
                               "new_values": new_values}
+    if occupied:  # --force, and every check passed: replace the old run's state
+        shutil.rmtree(out_ckpt.dir)
+        for stale in ("metrics.jsonl", "tb"):
+            p = dst / stale
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     dst.mkdir(parents=True, exist_ok=True)
     (dst / "config.yaml").write_text(to_yaml(target))
     path = out_ckpt.save(step, model, optimizer, new_meta)

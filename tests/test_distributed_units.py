@@ -202,6 +202,7 @@ def test_tp_plans_and_fsdp_eval_in_two_processes(tmp_path):
     print(f"torchrun x2 units: {time.time() - t0:.1f}s")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
     res = json.loads((tmp_path / "rank0.json").read_text())
+    assert res["pg_timeout_s"] == 321  # parallel.timeout_s
     for tie in ("tied", "untied"):
         r = res[f"tp_{tie}"]
         assert r["loss_diff"] < 1e-5 and r["grad_diff"] < 1e-5 and r["norm_diff"] < 1e-5, r
@@ -245,8 +246,11 @@ def _worker(outdir: str) -> None:
 
     results: dict = {}
     for tie in ("tied", "untied"):
-        cfg = tiny_cfg("parallel.tp=2", f"model.tie_embeddings={tie == 'tied'}")
-        env = setup_env(cfg)
+        cfg = tiny_cfg("parallel.tp=2", f"model.tie_embeddings={tie == 'tied'}",
+                       "parallel.timeout_s=321")
+        env = setup_env(cfg)  # the first call creates the process group
+        gloo = dist.group.WORLD._get_backend(torch.device("cpu"))
+        results["pg_timeout_s"] = gloo.options._timeout.total_seconds()
         ref = materialize(build_model(cfg.model), "cpu", 0)
         model = parallelize(materialize(build_model(cfg.model), "cpu", 0), env, cfg.train)
         x = batch(2)

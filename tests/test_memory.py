@@ -326,3 +326,19 @@ def test_demo_config_builds_and_takes_a_step():
     F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
     opt.step()
     assert model.flops_per_token(cfg.data.seq_len) > 0
+
+
+def test_bf16_parameters_and_autocast_run():
+    """FSDP2's mixed precision casts parameters to bf16; CUDA runs without FSDP use autocast."""
+    x = torch.randint(0, 64, (2, 9))
+    for cfg in (ModelConfig.model_validate(FSDP_CFG), model_cfg()):
+        model = materialize(build_model(cfg), "cpu", seed=0).to(torch.bfloat16)
+        model(x).float().square().mean().backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.bfloat16
+                   for p in model.parameters())
+        model = materialize(build_model(cfg), "cpu", seed=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().mean().backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32
+                   for p in model.parameters())

@@ -194,6 +194,16 @@ def test_grow_keeps_eval_loss_and_training_continues(tmp_path, data_dir, capsys)
     code, _, err = cli_json(capsys, "grow", str(parent), "--to", *target)
     assert code == 2 and "--force" in err
 
+    # --reset-step: a fresh schedule from step 0; the data position still continues
+    reset = tmp_path / "reset"
+    code, summary, err = cli_json(
+        capsys, "grow", str(parent), "--to",
+        *tiny(reset, data_dir, 32, 96, "train.steps=8", "model.linear.norm_n=16",
+              "model.blocks.tokenformer.ffn.norm_n=64"), "--reset-step", "--new-values", "zero")
+    assert code == 0 and summary["step"] == 0, err
+    reset_meta = json.loads((reset / "checkpoints" / "step_00000000" / "meta.json").read_text())
+    assert reset_meta["tokens"] == 0 and reset_meta["data"] == parent_meta["data"]
+
     trained = run_cli("train", *target, check=True)
     assert "resumed from" in trained.stdout and "(step 4)" in trained.stdout
     records = [json.loads(line) for line in (child / "metrics.jsonl").read_text().splitlines()]

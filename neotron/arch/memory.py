@@ -186,10 +186,12 @@ class ProductKeyMemory(nn.Module):
     def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, dim] -> (slots [N, heads, knn], weights [N, heads, knn] fp32)."""
         N = x.shape[0]
-        # Scores and top-k in fp32, outside autocast: bf16 rounding reorders near-ties.
+        # Scores and top-k in fp32 (or wider), outside autocast: bf16 rounding reorders
+        # near-ties. The query projection runs in its parameters' dtype (bf16 under FSDP2's
+        # mixed precision, where x is bf16 too).
         wide = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
-            q = self.query(x.to(wide)).to(wide).view(N, self.heads, 2, self.k_dim // 2)
+            q = self.query(x).to(wide).view(N, self.heads, 2, self.k_dim // 2)
             s = torch.einsum("nhcd,hcmd->nhcm", q, self.keys.to(wide))  # [N, H, 2, n]
             scores, slots = product_key_topk(s[:, :, 0], s[:, :, 1], self.knn)
             return slots, scores.softmax(dim=-1)

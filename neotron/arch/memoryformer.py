@@ -212,8 +212,9 @@ class MemoryFormerFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, seq: SeqInfo) -> torch.Tensor:
         h = self.up(x)
-        h = F.layer_norm(h.float(), self.norm.normalized_shape, self.norm.weight,
-                         self.norm.bias, self.norm.eps)
+        # in fp32 (the next layer hashes the signs), whatever the parameters' dtype
+        h = F.layer_norm(h.float(), self.norm.normalized_shape, self.norm.weight.float(),
+                         self.norm.bias.float(), self.norm.eps)
         return self.down(h).to(x.dtype)
 
     def flops_per_token(self, seq_len: int) -> float:

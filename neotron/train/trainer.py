@@ -161,6 +161,7 @@ class Trainer:
         self.skipped = 0  # optimizer steps skipped by nan_policy=skip, in the whole run
         self.consecutive_skips = 0
         self.resumed_from: Path | None = None
+        self._rng_warning: str | None = None
         # Seed after building so the first step's RNG does not depend on how many random
         # numbers initialization drew (a resumed run restores this state from the checkpoint).
         # Data-parallel ranks get distinct streams; tensor-parallel ranks of one group share one.
@@ -330,7 +331,7 @@ class Trainer:
         log.info("optimizer groups:\n" + routing_table(self.model, cfg.optim))
         if self.resumed_from is not None:
             log.info(f"resumed from {self.resumed_from} (step {self.step})")
-        if getattr(self, "_rng_warning", None):
+        if self._rng_warning:
             log.info(self._rng_warning)
         self.model.train()
         last_val: float | None = None
