@@ -252,33 +252,27 @@ def _train(model, batches, rank=0, world=1):
     return losses
 
 
-def _shard(model, mesh):
-    """FSDP2 per block, blocks sharing a table (shared values) in one group, then the root."""
-    from torch.distributed.fsdp import fully_shard
+def _shard(model, world):
+    """The trainer's own FSDP2 wrapping (blocks sharing a table become one FSDP unit)."""
+    from torch.distributed.device_mesh import init_device_mesh
 
-    groups = shared_param_groups(list(model.layers))
-    grouped = {i for g in groups for i in g}
-    for g in groups:
-        fully_shard([model.layers[i] for i in g], mesh=mesh)
-    for i, layer in enumerate(model.layers):
-        if i not in grouped:
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    from neotron.train.parallel import MESH_DIMS, DistEnv, ParallelDims, apply_fsdp
+
+    dims = ParallelDims(dp_replicate=1, dp_shard=world, tp=1)
+    mesh = init_device_mesh("cpu", dims.shape, mesh_dim_names=MESH_DIMS)
+    apply_fsdp(model, DistEnv(world_size=world, dims=dims, mesh=mesh))
 
 
 def _fsdp_worker(rank: int, world: int, init_file: str, out: str) -> None:
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     try:
-        mesh = init_device_mesh("cpu", (world,))
         results = {}
         for name, cfg in (("three_layers", FSDP_CFG), ("shared_values", model_cfg())):
             model = materialize(build_model(ModelConfig.model_validate(cfg)), "cpu", seed=0)
-            _shard(model, mesh)
+            _shard(model, world)
             losses = torch.stack(_train(model, _batches(), rank, world))
             dist.all_reduce(losses)
             params = {n: p.full_tensor() for n, p in model.named_parameters()}

@@ -287,6 +287,8 @@ def apply_compile(model: nn.Module) -> None:
 def apply_fsdp(model: nn.Module, env: DistEnv) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    from neotron.arch.memory import shared_param_groups
+
     if env.dims.dp_replicate > 1:
         dp_mesh = env.mesh["dp_replicate", "dp_shard"]  # HSDP: shard within, replicate across
     else:
@@ -297,8 +299,16 @@ def apply_fsdp(model: nn.Module, env: DistEnv) -> None:
     kwargs = {"mesh": dp_mesh, **({"mp_policy": mp} if mp is not None else {})}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
-        for block in blocks_of(model):
-            fully_shard(block, reshard_after_forward=True, **kwargs)
+        blocks = blocks_of(model)
+        # Blocks that share a parameter (e.g. one memory value table read by several layers)
+        # must be one FSDP unit: FSDP2 refuses a parameter managed by two groups.
+        grouped = shared_param_groups(blocks)
+        in_group = {i for group in grouped for i in group}
+        for group in grouped:
+            fully_shard([blocks[i] for i in group], reshard_after_forward=True, **kwargs)
+        for i, block in enumerate(blocks):
+            if i not in in_group:
+                fully_shard(block, reshard_after_forward=True, **kwargs)
         # The root keeps its parameters (embedding, final norm, head) gathered from forward to
         # backward (FSDP2's default for the root), which saves one all-gather per step; the
         # price is the no_grad pitfall that `reshard_after_no_grad` handles.

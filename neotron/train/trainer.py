@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from neotron.arch import build_model, materialize
 from neotron.arch.context import SeqInfo
+from neotron.arch.memory import clip_sparse_grads_, dense_params, sparse_params
 from neotron.config import RunConfig, to_yaml
 from neotron.data.loader import TokenLoader, ValLoader
 from neotron.data.prepare import PreparedData, prepare
@@ -146,7 +147,10 @@ class Trainer:
         self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
         self.n_params = sum(p.numel() for p in model.parameters())
         self.model = parallelize(model, env, cfg.train)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # Sparse tables (memory values, hash tables) are clipped apart from the rest, each by
+        # its own limit; the global norm, clipping and NaN check cover the dense parameters.
+        self.has_sparse = bool(sparse_params(self.model))
+        self.params = [p for p in dense_params(self.model) if p.requires_grad]
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self._group_settings = [(g["base_lr"], g["weight_decay"]) for g in self.optimizer.param_groups]
         self.loader = TokenLoader(self.data.train, cfg.data.seq_len, cfg.train.seed,
@@ -261,6 +265,10 @@ class Trainer:
                 loss = loss * float("nan")
             loss.backward()
             loss_sum += loss.detach()
+        sparse_ok = True
+        if self.has_sparse:  # only models with memory tables pay for this (it syncs)
+            sparse_norm = clip_sparse_grads_(self.model, cfg.optim.grad_clip)
+            sparse_ok = math.isfinite(float(sparse_norm))
         # One all-reduce: [this rank's share of |grad|^2, its loss, its stop request].
         stats = torch.stack([
             grad_sq_norm(self.params, env.world_size),
@@ -272,7 +280,7 @@ class Trainer:
         if cfg.optim.grad_clip > 0:
             clip_grads_(self.params, cfg.optim.grad_clip, grad_norm)  # on the device, no sync
         sq, loss_total, stop = stats.tolist()  # the step's one host sync
-        finite = math.isfinite(sq) and math.isfinite(loss_total)
+        finite = math.isfinite(sq) and math.isfinite(loss_total) and sparse_ok
         if finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
