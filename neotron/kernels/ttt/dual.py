@@ -269,12 +269,14 @@ def ttt_linear_dual(
     eta = torch.tril(eta.to(cdt)).expand(B, H, -1, -1, -1)
     lw, lb = ln_weight.to(cdt).view(1, H, 1, d), ln_bias.to(cdt).view(1, H, 1, d)
 
+    # split/unbind, not q[:, :, s:e]: slicing gives one backward node per mini-batch that
+    # allocates and fills a full-size zero gradient (quadratic in T); split's is linear.
+    qs, ks, vs = (x.split(mini_batch_size, dim=2) for x in (q, k, v))
+    etas = eta.unbind(2)
     zbars = []
-    for n, (s, e) in enumerate(minibatch_bounds(T, mini_batch_size)):
-        m = e - s
-        zbar, W, b = _linear_minibatch(
-            q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], eta[:, :, n, :m, :m], W, b, lw, lb, eps
-        )
+    for n, (qn, kn, vn) in enumerate(zip(qs, ks, vs)):
+        m = qn.shape[2]
+        zbar, W, b = _linear_minibatch(qn, kn, vn, etas[n][..., :m, :m], W, b, lw, lb, eps)
         zbars.append(zbar)
     if zbars:
         z = q + layer_norm(torch.cat(zbars, dim=2), lw, lb, eps)
@@ -347,12 +349,12 @@ def ttt_mlp_dual(
     eta = torch.tril(eta.to(cdt)).expand(B, H, -1, -1, -1)
     lw, lb = ln_weight.to(cdt).view(1, H, 1, d), ln_bias.to(cdt).view(1, H, 1, d)
 
+    qs, ks, vs = (x.split(mini_batch_size, dim=2) for x in (q, k, v))  # see ttt_linear_dual
+    etas = eta.unbind(2)
     zbars = []
-    for n, (s, e) in enumerate(minibatch_bounds(T, mini_batch_size)):
-        m = e - s
-        zbar, *state = _mlp_minibatch(
-            q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], eta[:, :, n, :m, :m], *state, lw, lb, eps
-        )
+    for n, (qn, kn, vn) in enumerate(zip(qs, ks, vs)):
+        m = qn.shape[2]
+        zbar, *state = _mlp_minibatch(qn, kn, vn, etas[n][..., :m, :m], *state, lw, lb, eps)
         zbars.append(zbar)
     if zbars:
         z = q + layer_norm(torch.cat(zbars, dim=2), lw, lb, eps)
