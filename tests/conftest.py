@@ -25,3 +25,16 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """The Shakespeare corpus with a 512-token BPE, prepared once for the whole session and
+    shared by every end-to-end test that trains on it (pass `data.dir=<this>`)."""
+    from neotron.data.config import DataConfig
+    from neotron.data.prepare import prepare
+
+    d = tmp_path_factory.mktemp("shakespeare-bpe512")
+    prepare(DataConfig(source="shakespeare", dir=str(d), tokenizer={"vocab_size": 512},
+                       seq_len=32))
+    return d

@@ -307,21 +307,6 @@ def test_shared_param_groups():
     assert shared_param_groups(list(build_model(ModelConfig.model_validate(FSDP_CFG)).layers)) == []
 
 
-def test_demo_config_builds_and_takes_a_step():
-    from neotron.config import load
-    from neotron.optim.builder import build_optimizer
-    from tests.conftest import ROOT
-
-    cfg = load(ROOT / "configs" / "demo" / "memory.yaml")
-    model = materialize(build_model(cfg.model), "cpu", seed=0)
-    opt = build_optimizer(model, cfg.optim)
-    tokens = torch.randint(0, cfg.model.vocab_size, (2, 33))
-    logits = model(tokens[:, :-1])
-    F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
-    opt.step()
-    assert model.flops_per_token(cfg.data.seq_len) > 0
-
-
 def test_bf16_parameters_and_autocast_run():
     """FSDP2's mixed precision casts parameters to bf16; CUDA runs without FSDP use autocast."""
     x = torch.randint(0, 64, (2, 9))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from neotron.arch import ModelConfig, build_model, materialize
 from neotron.arch.context import BuildContext, SeqInfo
@@ -148,16 +147,3 @@ def test_config_errors_name_the_key():
         validate(base)
 
 
-def test_demo_config_builds_and_takes_a_step():
-    from neotron.config import load
-    from neotron.optim.builder import build_optimizer
-    from tests.conftest import ROOT
-
-    cfg = load(ROOT / "configs" / "demo" / "memoryformer.yaml")
-    model = materialize(build_model(cfg.model), "cpu", seed=0)
-    opt = build_optimizer(model, cfg.optim)
-    tokens = torch.randint(0, cfg.model.vocab_size, (2, 33))
-    logits = model(tokens[:, :-1])
-    F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
-    opt.step()
-    assert model.flops_per_token(cfg.data.seq_len) > 0

@@ -5,22 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-from neotron.data.config import DataConfig
-from neotron.data.prepare import prepare
 from tests.conftest import ROOT, run_cli
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """Shakespeare with a 512-token BPE (the same preparation as tests/test_train_e2e.py)."""
-    d = tmp_path_factory.mktemp("shakespeare-bpe512")
-    prepare(DataConfig(source="shakespeare", dir=str(d), tokenizer={"vocab_size": 512},
-                       seq_len=32))
-    return d
 
 
 @pytest.mark.slow

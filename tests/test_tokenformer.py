@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from neotron.arch import build_model, materialize
+from neotron.arch import build_model
 from neotron.arch.linear import make_linear
 from neotron.arch.tokenformer import Pattention, PattentionConfig, pattention_norm
 from neotron.cli import main as cli_main
-from neotron.data.config import DataConfig
-from neotron.data.prepare import prepare
 from neotron.grow import _grow_tensor
 from tests.conftest import ROOT, run_cli
 
@@ -134,14 +131,6 @@ def test_ffn_and_flops():
 DEMO = str(ROOT / "configs" / "demo" / "tokenformer.yaml")
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("shakespeare-bpe512")
-    prepare(DataConfig(source="shakespeare", dir=str(d), tokenizer={"vocab_size": 512},
-                       seq_len=32))
-    return d
-
-
 def tiny(run_dir, data_dir, n_qkv, n_ffn, *extra) -> list[str]:
     return [
         DEMO, f"run_dir={run_dir}", f"data.dir={data_dir}", "data.tokenizer.vocab_size=512",
@@ -213,16 +202,3 @@ def test_grow_keeps_eval_loss_and_training_continues(tmp_path, data_dir, capsys)
     assert json.loads(trained.stdout.strip().splitlines()[-1])["step"] == 8
 
 
-def test_demo_config_builds_and_takes_a_step():
-    from neotron.config import load
-    from neotron.optim.builder import build_optimizer
-    from tests.conftest import ROOT
-
-    cfg = load(ROOT / "configs" / "demo" / "tokenformer.yaml")
-    model = materialize(build_model(cfg.model), "cpu", seed=0)
-    opt = build_optimizer(model, cfg.optim)
-    tokens = torch.randint(0, cfg.model.vocab_size, (2, 33))
-    logits = model(tokens[:, :-1])
-    F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
-    opt.step()
-    assert model.flops_per_token(cfg.data.seq_len) > 0

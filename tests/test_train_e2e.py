@@ -12,20 +12,9 @@ import pytest
 import yaml
 
 from neotron.config import load
-from neotron.data.config import DataConfig
-from neotron.data.prepare import prepare
 from tests.conftest import ROOT, run_cli
 
 DEMO = str(ROOT / "configs" / "demo" / "llama.yaml")
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory) -> Path:
-    """The Shakespeare corpus with a small BPE, prepared once for every run in this file."""
-    d = tmp_path_factory.mktemp("shakespeare-bpe512")
-    prepare(DataConfig(source="shakespeare", dir=str(d), tokenizer={"vocab_size": 512},
-                       seq_len=32))
-    return d
 
 
 def tiny(run_dir: Path, data_dir: Path, *extra: str) -> list[str]:
