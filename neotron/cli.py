@@ -25,16 +25,22 @@ def _cmd_config(cfg: RunConfig, args: argparse.Namespace) -> int:
     print(to_yaml(cfg), end="")
     # Which parameter goes to which optimizer, as YAML comments so the output stays loadable.
     # The model is built on the meta device: no memory, no initialization.
-    table = routing_table(build_model(cfg.model), cfg.optim)
+    model = build_model(cfg.model)
+    table = routing_table(model, cfg.optim)
     print("# optimizer groups (neotron/optim/routing.py):")
     print("\n".join(f"#   {line}" for line in table.splitlines()))
+    from neotron.arch.stack import param_summary
+
+    note = param_summary(model)  # recursive / MoL models: unique parameters, effective depth
+    if note:
+        print(f"# {note}")
     return 0
 
 
 def _cmd_prepare(cfg: RunConfig, args: argparse.Namespace) -> int:
     from neotron.data.prepare import prepare
 
-    data = prepare(cfg.data, force=args.force)
+    data = prepare(cfg.data, force=args.force, verify=args.verify)
     print(json.dumps({"dir": str(cfg.data.dir), "fingerprint": data.fingerprint,
                       "train_tokens": data.train.total_tokens, "val_tokens": data.val.total_tokens,
                       "vocab_size": data.vocab_size}))
@@ -71,9 +77,19 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="cast floating-point tensors (default: as saved, fp32)")
     p.add_argument("--force", action="store_true", help="write into a non-empty OUT")
+    p.add_argument("--export-ternary", action="store_true",
+                   help="BitNet runs: pack the ternary weights at 2 bits/weight plus scales"
+                   " (OUT/model.ternary.safetensors) and report the size vs bf16")
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    if args.export_ternary:
+        from neotron.arch.quant.export import export_ternary
+
+        if args.dtype is not None:
+            raise UsageError("--dtype does not apply to --export-ternary (tensors stay as saved)")
+        print(json.dumps(export_ternary(args.source, args.out, force=args.force)))
+        return 0
     from neotron.convert import convert
 
     print(json.dumps(convert(args.source, args.out, dtype=args.dtype, force=args.force)))
@@ -125,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="key.path=value (value parsed as YAML)")
         if name == "prepare":
             p.add_argument("--force", action="store_true", help="re-tokenize even if up to date")
+            p.add_argument("--verify", action="store_true",
+                           help="also hash every shard against index.json (reads all the data)")
     _add_grow_args(sub.add_parser("grow", help=GROW_HELP))
     _add_convert_args(sub.add_parser("convert", help=CONVERT_HELP))
     return parser

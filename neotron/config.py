@@ -107,6 +107,12 @@ class TrainConfig(StrictModel):
     max_consecutive_skips: int = Field(
         default=5, gt=0, description="nan_policy=skip: abort after this many skips in a row"
     )
+    init_from: str | None = Field(
+        default=None,
+        description="run directory or checkpoint whose model weights start this run (weights"
+        " only: fresh optimizer, schedule, step 0, data from the start); ignored when run_dir"
+        " already has a checkpoint to resume (docs/quantization.md)",
+    )
 
 
 class EvalConfig(StrictModel):
@@ -336,6 +342,8 @@ def validate(data: dict[str, Any]) -> RunConfig:
         # it tells the user which layer type's schema applied.
         lines = [_format_error(err) for err in errors[:5]]
         more = f"\n  ... and {len(errors) - 5} more" if len(errors) > 5 else ""
+        if len(lines) == 1:  # the common case: one line, as for every other console error
+            raise ConfigError(f"invalid config: {lines[0]}") from None
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines) + more) from None
 
 

@@ -11,7 +11,8 @@ model, optimizer, RNG and trainer state. For use outside neotron, `convert` writ
 
 It reads the tensors straight from the DCP files in one process (no process group, no model
 code), so it works for any architecture and any saved layout (FSDP2 shards, tensor-parallel
-shards, one process). Nothing is unpickled but DCP metadata, through the allow-list reader.
+shards, one process). Nothing is unpickled but DCP metadata, through the allow-list reader
+(train/safe_reader.py).
 """
 
 from __future__ import annotations
@@ -23,12 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from neotron.errors import UsageError
-from neotron.train.checkpoint import Checkpointer
-from neotron.train.safe_reader import SafeFileSystemReader
+from neotron.train.checkpoint import Checkpointer, read_meta
+from neotron.train.safe_reader import read_metadata_file, refuse_pickled_entries, safe_load
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -49,9 +49,11 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
 
 
 def load_model_tensors(ckpt: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The full model tensors of a DCP checkpoint, read in this process."""
-    reader = SafeFileSystemReader(ckpt)
-    metadata = reader.read_metadata()
+    """The full model tensors of a DCP checkpoint, read in this process. Nothing is unpickled
+    but the metadata, through the allow-list; a checkpoint with pickled entries is refused
+    (CheckpointError)."""
+    metadata = read_metadata_file(ckpt / ".metadata")
+    refuse_pickled_entries(ckpt, metadata, int(read_meta(ckpt).get("format", 1)))
     state: dict[str, Any] = {}
     for key, md in metadata.state_dict_metadata.items():
         if key.startswith("model.") and isinstance(md, TensorStorageMetadata):
@@ -61,7 +63,7 @@ def load_model_tensors(ckpt: Path, dtype: torch.dtype | None = None) -> dict[str
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         warnings.filterwarnings("ignore", message=".*torch.distributed is not initialized.*")
-        dcp.load(state, storage_reader=reader, no_dist=True)
+        safe_load(state, ckpt, no_dist=True, metadata=metadata)
     out = {}
     for key, t in state.items():
         if dtype is not None and t.is_floating_point():
@@ -78,9 +80,9 @@ def convert(source: str | Path, out: str | Path, dtype: str | None = None,
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise UsageError(f"{out} exists and is not empty (--force overwrites)")
-    out.mkdir(parents=True, exist_ok=True)
-    meta = json.loads((ckpt / "meta.json").read_text())
+    meta = read_meta(ckpt)
     tensors = load_model_tensors(ckpt, DTYPES[dtype] if dtype else None)
+    out.mkdir(parents=True, exist_ok=True)  # only once the checkpoint has loaded
     info = {
         "source": str(ckpt.resolve()),
         "step": meta.get("step"),

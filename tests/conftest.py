@@ -27,6 +27,20 @@ def cli():
     return run_cli
 
 
+@pytest.fixture
+def fresh_logging():
+    """For tests that call `neotron.cli.main` in-process: main's logging.basicConfig binds the
+    console handler to the sys.stdout of its first call (a capture that pytest later closes),
+    so each such test starts and ends without root handlers."""
+    import logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers.clear()
+    yield
+    root.handlers[:] = saved
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """The Shakespeare corpus with a 512-token BPE, prepared once for the whole session and
@@ -38,3 +52,21 @@ def data_dir(tmp_path_factory) -> Path:
     prepare(DataConfig(source="shakespeare", dir=str(d), tokenizer={"vocab_size": 512},
                        seq_len=32))
     return d
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, data_dir) -> Path:
+    """A tiny llama trained 4 steps with a checkpoint at step 4 (tests.test_train_e2e.tiny).
+    Shared: copy it before changing anything in it."""
+    import logging
+
+    from neotron.cli import main
+    from tests.test_train_e2e import tiny
+
+    run = tmp_path_factory.mktemp("trained") / "run"
+    args = tiny(run, data_dir, "train.steps=4", "eval.every=0", "eval.at_start=false")
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    assert main(["train", *args]) == 0
+    root.handlers[:] = saved
+    return run

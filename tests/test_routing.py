@@ -43,22 +43,27 @@ EXPECTED: list[tuple[str, str]] = [
     (r"head\.weight", "head"),
     # Hidden projections: attention, DeltaNet (wb/wa/wg), TTT (wlr), memory (query/wo/ws), SwiGLU.
     (r"layers\.\d+\.mixer\.(wq|wk|wv|wo|wb|wa|wg|wlr)\.weight", "matrix"),
-    (r"layers\.\d+\.ffn\.(w1|w2|w3|query|wo|ws)\.weight", "matrix"),
+    # UltraMem: pre-value projection (pre) and the parallel FFN (ffn.w*).
+    (r"layers\.\d+\.ffn\.(ffn\.)?(w1|w2|w3|query|wo|ws|pre)\.weight", "matrix"),
     # TokenFormer: Pattention's parameter tokens are the two weight matrices of a linear-like
     # layer (x K^T, then . V): a decision, see docs/optimizers.md.
     (r"layers\.\d+\.mixer\.(wq|wk|wv|wo)\.(keys|values)", "matrix"),
     (r"layers\.\d+\.ffn\.pattention\.(keys|values)", "matrix"),
     # Sparse tables: product-key memory values, MemoryFormer hash tables.
-    (r"layers\.\d+\.ffn\.values", "sparse"),
+    (r"layers\.\d+\.ffn\.(values|pre_values)", "sparse"),
     (r"layers\.\d+\.(mixer|ffn)\.\w+\.tables", "sparse"),
     # AdamW with decay: product keys [heads, 2, n, k/2], TTT's per-head inner weights
     # [heads, d, d'], depthwise short-conv kernels [C, K].
-    (r"layers\.\d+\.ffn\.keys", "adamw"),
+    # UltraMem's Tucker cores; the MoL router (a small [experts, dim] matrix, as MoE routers).
+    (r"layers\.\d+\.ffn\.(keys|cores|router)", "adamw"),
+    # Per-depth LoRA (relaxed recursion) and MoL experts: their own AdamW group, no decay.
+    (r"layers\.\d+\.(lora\.adapters\.\w+|ffn\.experts\.w[123])\.(A|B)", "lora"),
     (r"layers\.\d+\.mixer\.W[012]", "adamw"),
     (r"layers\.\d+\.mixer\.(q|k|v)_conv\.weight", "adamw"),
     # No decay: gains, biases, decay/step-size parameters, TTT inner biases and norms.
     (r"layers\.\d+\.mixer\.(A_log|dt_bias|token_eta_offset|b[012])", "no_decay"),
     (r"layers\.\d+\.mixer\.ttt_norm_(weight|bias)", "no_decay"),
+    (r"layers\.\d+\.ffn\.(q|k)_norm", "no_decay"),  # UltraMem query/key LayerNorm gains
     (r"(.*\.)?\w*norm\.weight", "no_decay"),  # RMSNorm/LayerNorm gains
     (r".*\.bias", "no_decay"),
 ]
@@ -90,7 +95,8 @@ def test_every_config_routes_every_parameter_as_expected(path, name):
     by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
     for n, p in model.named_parameters():
         g = by_param[id(p)]
-        assert g["name"] == routed[n]
+        # a role may split into groups by lr scale or weight decay (sparse_lr4x, sparse_wd0.1)
+        assert g["name"] == routed[n] or g["name"].startswith(routed[n] + "_"), (n, g["name"])
         if name != "adamw":
             assert g["algorithm"] == (name if routed[n] == "matrix" else "adamw"), n
     if name != "adamw" and "matrix" in groups:  # (MemoryFormer's projections are all tables)

@@ -1,8 +1,10 @@
-"""Pre-norm residual block: x + mixer(norm(x)), then + ffn(norm(x))."""
+"""Pre-norm residual block: x + mixer(norm(x)), then + ffn(norm(x)), each branch optionally
+through dropout (GPT-2's residual dropout; off by default, as in most pretraining recipes)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from neotron.arch.context import BuildContext, SeqInfo
@@ -11,8 +13,10 @@ from neotron.arch.registry import FFNS, MIXERS
 
 
 class Block(nn.Module):
-    def __init__(self, ctx: BuildContext, block_cfg) -> None:  # block_cfg: arch.config.BlockConfig
+    def __init__(self, ctx: BuildContext, block_cfg, dropout: float = 0.0) -> None:
+        # block_cfg: arch.config.BlockConfig
         super().__init__()
+        self.dropout = dropout
         self.mixer_norm = RMSNorm(ctx.dim, ctx.norm_eps)
         self.mixer = MIXERS.build(block_cfg.mixer, ctx)
         self.ffn_norm = RMSNorm(ctx.dim, ctx.norm_eps)
@@ -25,8 +29,11 @@ class Block(nn.Module):
         self.ffn.init_weights()
 
     def forward(self, x: torch.Tensor, seq: SeqInfo) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x), seq)
-        return x + self.ffn(self.ffn_norm(x), seq)
+        x = x + self._drop(self.mixer(self.mixer_norm(x), seq))
+        return x + self._drop(self.ffn(self.ffn_norm(x), seq))
+
+    def _drop(self, h: torch.Tensor) -> torch.Tensor:
+        return F.dropout(h, self.dropout, self.training) if self.dropout > 0 else h
 
     def flops_per_token(self, seq_len: int) -> float:
         return self.mixer.flops_per_token(seq_len) + self.ffn.flops_per_token(seq_len)

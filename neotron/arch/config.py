@@ -14,16 +14,20 @@ from neotron.arch import (  # noqa: F401
     attention,
     deltanet,
     linear,
+    lora,
     memory,
     memoryformer,
     mlp,
+    quant,
     tokenformer,
     ttt,
+    ultramem,
 )
 from neotron.arch.attention import AttentionConfig
 from neotron.arch.linear import DenseLinearConfig
 from neotron.arch.mlp import SwiGLUConfig
 from neotron.arch.registry import FFNS, LINEARS, MIXERS
+from neotron.arch.stack import RecursionConfig
 from neotron.strict import StrictModel
 
 MixerConfig = MIXERS.config_union()
@@ -44,6 +48,11 @@ class ModelConfig(StrictModel):
     norm_eps: float = Field(default=1e-5, gt=0)
     tie_embeddings: bool = False
     init_std: float = Field(default=0.02, gt=0)
+    dropout: float = Field(
+        default=0.0, ge=0.0, lt=1.0,
+        description="dropout on each residual branch (mixer and FFN outputs) while training;"
+        " 0 (the pretraining default) draws no random numbers",
+    )
     linear: LinearConfig = Field(
         default_factory=DenseLinearConfig,
         description="projection type of every block (embeddings and LM head stay dense)",
@@ -53,6 +62,11 @@ class ModelConfig(StrictModel):
         default=None,
         description="block names repeated over depth; None = the only block of `blocks`"
         " (the only one not placed by `block_at`)",
+    )
+    recursion: RecursionConfig | None = Field(
+        default=None,
+        description="one shared stack of n_layers blocks looped `loops` times, optionally"
+        " relaxed by per-loop LoRA (neotron/arch/stack.py, docs/recursion.md)",
     )
     block_at: dict[str, list[int]] = Field(
         default_factory=dict,

@@ -77,8 +77,14 @@ class ShortConv(nn.Module):
         self.silu = silu
         self.weight = nn.Parameter(torch.empty(channels, kernel_size))
 
-    def init_weights(self) -> None:
-        # nn.Conv1d's default for a depthwise conv: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = K.
+    def init_weights(self, std: float | None = None) -> None:
+        """std None (neotron): nn.Conv1d's default for a depthwise conv, U(-1/sqrt(K), 1/sqrt(K))
+        with fan_in = K; a float: N(0, std^2), fla's models' re-initialization of every
+        ShortConvolution (an nn.Conv1d) to N(0, initializer_range = 0.02)
+        (fla-org/flash-linear-attention@bc3b101dcb, fla/models/*/modeling_*.py `_init_weights`)."""
+        if std is not None:
+            nn.init.normal_(self.weight, mean=0.0, std=std)
+            return
         bound = 1.0 / math.sqrt(self.kernel_size)
         nn.init.uniform_(self.weight, -bound, bound)
 

@@ -17,6 +17,12 @@ Per head, with state S in R^{d_k x d_v} (the kernels in neotron.kernels hold the
     o_t = S_t^T q_t / sqrt(d_k)
     y_t = W_o [RMSNorm(o_t) * (SiLU(W_g x_t) if use_gate)]
 
+Initialization: short convs N(0, init_std) as fla's models (`conv_init: normal`; measured
+better than nn.Conv1d's U(+-1/sqrt(K)), `conv_init: uniform`); projections N(0, init_std)
+truncated with W_o depth-scaled, or with `init: reference` as fla's models (every projection,
+W_o included, N(0, init_std) untruncated). The fla / paper shape is head_dim 256, expand_v 2,
+n_heads = 0.75 dim / 256. docs/mixers.md compares the recipes, with the measurements.
+
 Training uses the chunked kernels (fla's Triton kernels on CUDA in bf16 when installed);
 decoding uses `step`, the recurrence one token at a time. With document masking
 (`seq.doc_ids`), the batch goes to the kernels as one packed row with `cu_seqlens`, so the
@@ -35,7 +41,7 @@ from torch import nn
 
 from neotron.arch.context import BuildContext, SeqInfo
 from neotron.arch.conv import ShortConv
-from neotron.arch.linear import make_linear
+from neotron.arch.linear import DenseLinear, make_linear
 from neotron.arch.norm import RMSNorm
 from neotron.arch.registry import MIXERS, LayerConfig
 from neotron.kernels.delta_rule import delta_rule
@@ -59,6 +65,18 @@ class DeltaNetConfig(LayerConfig):
     impl: Literal["auto", "chunked", "reference", "fla"] = Field(
         default="auto", description="kernel path (auto: fla on CUDA in bf16/fp16, else chunked)"
     )
+    init: Literal["neotron", "reference"] = Field(
+        default="neotron",
+        description="projections: neotron = N(0, init_std) truncated at 3 std, W_o depth-scaled"
+        " (out_std); reference = fla's models, every projection (W_o included) N(0, init_std)"
+        " untruncated (initializer_range 0.02)",
+    )
+    conv_init: Literal["normal", "uniform"] = Field(
+        default="normal",
+        description="short convs: normal = N(0, init_std), fla's re-init (default: measured"
+        " better, docs/mixers.md); uniform = U(+-1/sqrt(K)), nn.Conv1d's own (the default"
+        " before issue #9)",
+    )
 
     def dims(self, dim: int) -> tuple[int, int]:
         """(d_k, d_v) per head."""
@@ -81,6 +99,18 @@ class DeltaNetConfig(LayerConfig):
 class GatedDeltaNetConfig(DeltaNetConfig):
     type: Literal["gated_deltanet"] = "gated_deltanet"  # type: ignore[assignment]
     use_gate: bool = Field(default=True, description="output gate SiLU(W_g x) after the norm")
+
+
+def init_normal(proj: nn.Module, std: float) -> None:
+    """Untruncated N(0, std^2) for a dense projection's weight and a zero bias (the official
+    recipes' nn.init.normal_); other projection types (BitNet, FP4, Pattention, ...) keep their
+    own init at that std."""
+    if type(proj) in (DenseLinear, nn.Linear):
+        nn.init.normal_(proj.weight, mean=0.0, std=std)
+        if proj.bias is not None:
+            nn.init.zeros_(proj.bias)
+    else:
+        proj.init_weights(std)
 
 
 def _wide(x: Tensor) -> Tensor:
@@ -137,11 +167,20 @@ class DeltaNet(nn.Module):
         return [c for c in (self.q_conv, self.k_conv, self.v_conv) if c is not None]
 
     def init_weights(self) -> None:
-        for proj in self._projections():
-            proj.init_weights(self.ctx.init_std)
-        self.wo.init_weights(self.ctx.out_std)
+        std = self.ctx.init_std
+        if self.cfg.init == "reference":
+            # fla (fla-org/flash-linear-attention@bc3b101dcb, fla/models/{delta_net,
+            # gated_deltanet}/modeling_*.py `_init_weights`, prenorm_residual_strategy None):
+            # every nn.Linear N(0, initializer_range), no depth scaling.
+            for proj in (*self._projections(), self.wo):
+                init_normal(proj, std)
+        else:
+            for proj in self._projections():
+                proj.init_weights(std)
+            self.wo.init_weights(self.ctx.out_std)
+        # fla re-initializes every nn.Conv1d (ShortConvolution is one) to N(0, initializer_range)
         for conv in self._convs():
-            conv.init_weights()
+            conv.init_weights(std if self.cfg.conv_init == "normal" else None)
         self.o_norm.init_weights()
         if self.gated:
             with torch.no_grad():

@@ -27,9 +27,13 @@ value table (Meta's `mem_share_values`, their default): the table is created by 
 such layer and registered, the same Parameter, in the others.
 
 The value table has the optimizer role "sparse" (`_neotron_param_groups`: AdamW with its own
-learning rate, `optim.sparse_lr`; Meta uses a fixed 1e-3, UltraMemV2 4x the base lr) and its
-own gradient-norm limit (config `value_grad_clip`), applied by `clip_sparse_grads_`: Meta
-clips value gradients apart from the rest.
+learning rate, `optim.sparse_lr`; Meta uses a fixed 1e-3, UltraMemV2 4x the base lr; no weight
+decay unless `value_weight_decay`) and its own gradient-norm limit (config `value_grad_clip`),
+applied by `clip_sparse_grads_`: Meta clips value gradients apart from the rest.
+
+`init: reference`, `bias: true` and `value_weight_decay: 0.1` give Meta's construction
+(HashingMemory.__init__ / reset_parameters, lingua/optim.py); docs/memory_layers.md has the
+table of differences and what was measured.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ from pydantic import Field
 from torch import nn
 
 from neotron.arch.context import BuildContext, SeqInfo
-from neotron.arch.linear import DenseLinearConfig, make_linear
+from neotron.arch.deltanet import init_normal
+from neotron.arch.linear import DenseLinear, DenseLinearConfig, make_linear
 from neotron.arch.memoryformer import GROUPS_ATTR
 from neotron.arch.mlp import SwiGLU, SwiGLUConfig
 from neotron.arch.registry import FFNS, LayerConfig
@@ -70,6 +75,23 @@ class ProductKeyMemoryConfig(LayerConfig):
     parallel_ffn: SwiGLUConfig | None = Field(
         default=None, description="UltraMemV2 style: also run this FFN and add its output")
     impl: Literal["auto", "fast", "reference"] = "auto"
+    init: Literal["neotron", "reference"] = Field(
+        default="neotron",
+        description="neotron: W_q, W_s, gate N(0, init_std) truncated, W_o depth-scaled"
+        " (out_std); reference (Meta's HashingMemory.reset_parameters): W_q xavier-uniform,"
+        " W_s, W_o and the gate N(0, 1/dim) untruncated. Keys U(+-1/sqrt(k_dim)) and values"
+        " N(0, 1/v_dim) in both",
+    )
+    bias: bool = Field(
+        default=False,
+        description="biases on W_s, W_o and the gate (Meta's nn.Linear layers have them);"
+        " initialized to zero",
+    )
+    value_weight_decay: float = Field(
+        default=0.0, ge=0,
+        description="AdamW weight decay of the value table (Meta's lingua decays every"
+        " parameter with optim.weight_decay, 0.1)",
+    )
 
     def check(self, dim: int) -> list[tuple[str, str]]:
         errors = []
@@ -141,11 +163,16 @@ class ProductKeyMemory(nn.Module):
         self.values = self._value_table(cfg.n_keys**2, self.v_dim)
         self.ws = self.wo = self.gate = None
         if cfg.swilu:
-            self.ws = make_linear(dim, self.v_dim, ctx.linear)
-            self.wo = make_linear(self.v_dim, dim, ctx.linear)
+            self.ws = make_linear(dim, self.v_dim, ctx.linear, bias=cfg.bias)
+            self.wo = make_linear(self.v_dim, dim, ctx.linear, bias=cfg.bias)
         if cfg.gated:
-            self.gate = make_linear(dim, 1, DenseLinearConfig())
+            self.gate = make_linear(dim, 1, DenseLinearConfig(), bias=cfg.bias)
         self.ffn = SwiGLU(ctx, cfg=cfg.parallel_ffn) if cfg.parallel_ffn is not None else None
+        if cfg.value_weight_decay > 0:
+            # AdamW weight decay of the table, over the "sparse" role's 0 (neotron.optim.routing
+            # reads this module attribute; a Parameter attribute would not survive
+            # materialization and FSDP2).
+            self._neotron_weight_decay = {"values": cfg.value_weight_decay}
 
     def _value_table(self, rows: int, width: int) -> nn.Parameter:
         """A new table, or the one of the first sharing memory layer of the same model."""
@@ -163,7 +190,15 @@ class ProductKeyMemory(nn.Module):
         return [(self.values, self._value_max_norm())]
 
     def init_weights(self) -> None:
-        self.query.init_weights(self.ctx.init_std)
+        reference = self.cfg.init == "reference"
+        if reference and type(self.query) is DenseLinear:
+            # Meta: xavier_uniform_ on the query weight; its bias is not reset there (left as
+            # nn.Linear's meta-device init, i.e. uninitialized after to_empty): zero here.
+            nn.init.xavier_uniform_(self.query.weight)
+            if self.query.bias is not None:
+                nn.init.zeros_(self.query.bias)
+        else:
+            self.query.init_weights(self.ctx.init_std)
         bound = 1.0 / math.sqrt(self.k_dim)  # Meta: U(-1/sqrt(k), 1/sqrt(k))
         nn.init.uniform_(self.keys, -bound, bound)
         owner = self._values_owner
@@ -175,11 +210,19 @@ class ProductKeyMemory(nn.Module):
         else:
             std = self.cfg.value_init_std or self.v_dim**-0.5  # Meta: N(0, 1/d)
             nn.init.normal_(self.values, mean=0.0, std=std)
-        if self.ws is not None:
-            self.ws.init_weights(self.ctx.init_std)
-            self.wo.init_weights(self.ctx.out_std)
-        if self.gate is not None:
-            self.gate.init_weights(self.ctx.init_std)
+        if reference:
+            # Meta: N(0, output_dim^-1/2) for W_s and W_o, N(0, input_dim^-1/2) for the gate;
+            # output_dim = input_dim = model dim. Biases (bias: true) zero, as above.
+            std = self.ctx.dim**-0.5
+            for proj in (self.ws, self.wo, self.gate):
+                if proj is not None:
+                    init_normal(proj, std)
+        else:
+            if self.ws is not None:
+                self.ws.init_weights(self.ctx.init_std)
+                self.wo.init_weights(self.ctx.out_std)
+            if self.gate is not None:
+                self.gate.init_weights(self.ctx.init_std)
         if self.ffn is not None:
             self.ffn.init_weights()
 

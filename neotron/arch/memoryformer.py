@@ -21,11 +21,18 @@ Cost. A memory layer reads K rows of d_out: 2 K d_out FLOPs forward, about 1/tau
 of their rows, so the optimizer routes them to AdamW with their own learning rate (the paper
 raises it for this reason), and `clip_sparse_grads_` (arch/memory.py) clips them apart.
 
-Deviations from the official code, on purpose: the block stays pre-norm (the code adds the
-residual before a post-attention norm); the hash input is always the layer input
-(`remove_projection: true`, as the shipped configs do); tables are initialized N(0, std^2)
-with the framework's std (the code uses 0.02, which is our default init_std) and the bias
-with zeros (the code: 0.001 * randn).
+The block is pre-norm, as the official one is (megatron/model/transformer.py
+`ParallelTransformerLayer.forward`: h = x + attn(LN1(x)); out = h + mlp(LN2(h)), the "residual
+before the post-attention norm" being the usual pre-norm sum). The hash input is always the
+layer input (`remove_projection: true`, as the shipped configs do).
+
+Initialization, `init` on each config:
+- neotron (default): tables N(0, std^2) truncated at 3 std, with std = model.init_std for
+  q, k and the FFN's first layer and the depth-scaled out_std for v (it feeds the residual
+  stream: there is no output projection) and the FFN's second layer; biases zero.
+- reference (the official code): q, k, v tables N(0, 2 / (5 dim)) (GPT-NeoX `small_init`, the
+  shipped configs' `init_method`, applied to the attention tables only); FFN tables and a bare
+  memory layer's N(0, 0.02^2) (`MemoryLayer.__init__`); every bias N(0, 0.001^2).
 """
 
 from __future__ import annotations
@@ -44,6 +51,17 @@ from neotron.arch.registry import FFNS, LINEARS, MIXERS, LayerConfig
 from neotron.kernels.hash_lookup import hash_lookup
 
 Score = Literal["l1", "paper"]
+Init = Literal["neotron", "reference"]
+
+INIT_DOC = (
+    "neotron: tables N(0, std^2) truncated (std = model.init_std, depth-scaled where the layer"
+    " feeds the residual stream), bias 0; reference: the official code's, tables N(0, 0.02^2)"
+    " (q/k/v: N(0, 2/(5 dim)), NeoX small_init), bias N(0, 0.001^2)"
+)
+# The official constants (C0-Design/MemoryFormer@59686737ec memory_module/memory.py
+# MemoryLayer.__init__: tables 0.02 * randn, bias 0.001 * randn).
+REF_TABLE_STD = 0.02
+REF_BIAS_STD = 0.001
 
 SCORE_DOC = (
     "row weight: 'l1' = ||x_k||_1 * prod_j sigmoid(2|x_kj|), what the official code computes"
@@ -63,6 +81,7 @@ class MemoryFormerLinearConfig(LayerConfig):
     score: Score = Field(default="l1", description=SCORE_DOC)
     bias: bool = Field(default=True, description="add a bias (the official layer always has one)")
     impl: Literal["auto", "fast", "reference"] = "auto"
+    init: Init = Field(default="neotron", description=INIT_DOC)
 
 
 @LINEARS.register(MemoryFormerLinearConfig)
@@ -87,7 +106,15 @@ class MemoryFormerLinear(nn.Module):
     def _sparse_tables(self) -> list[tuple[nn.Parameter, float | None]]:
         return [(self.tables, None)]  # clipped with the trainer's default limit
 
-    def init_weights(self, std: float) -> None:
+    def init_weights(self, std: float, *, table_std: float | None = None) -> None:
+        """neotron: tables N(0, std^2) truncated at 3 std, bias 0. reference: tables
+        N(0, table_std^2) (default 0.02, the official MemoryLayer's; the attention passes NeoX
+        small_init's), bias N(0, 0.001^2); `std` is then unused."""
+        if self.cfg.init == "reference":
+            nn.init.normal_(self.tables, mean=0.0, std=table_std or REF_TABLE_STD)
+            if self.bias is not None:
+                nn.init.normal_(self.bias, mean=0.0, std=REF_BIAS_STD)
+            return
         nn.init.trunc_normal_(self.tables, mean=0.0, std=std, a=-3 * std, b=3 * std)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
@@ -125,6 +152,7 @@ class MemoryFormerAttentionConfig(AttentionConfig):
     type: Literal["memoryformer"] = "memoryformer"  # type: ignore[assignment]
     tau: int = Field(default=8, ge=1, le=16)
     score: Score = Field(default="l1", description=SCORE_DOC)
+    init: Init = Field(default="neotron", description=INIT_DOC)
 
     def check(self, dim: int) -> list[tuple[str, str]]:
         errors = super().check(dim)
@@ -149,7 +177,7 @@ class MemoryFormerAttention(Attention):
         self.ctx = ctx
         self.n_heads = self.n_kv_heads = cfg.n_heads
         self.head_dim = cfg.head_dim or ctx.dim // cfg.n_heads
-        lin = MemoryFormerLinearConfig(tau=cfg.tau, score=cfg.score, bias=True)
+        lin = MemoryFormerLinearConfig(tau=cfg.tau, score=cfg.score, bias=True, init=cfg.init)
         width = self.n_heads * self.head_dim
         self.wq = MemoryFormerLinear(ctx.dim, width, cfg=lin)
         self.wk = MemoryFormerLinear(ctx.dim, width, cfg=lin)
@@ -162,10 +190,14 @@ class MemoryFormerAttention(Attention):
             self.k_norm = RMSNorm(self.head_dim, ctx.norm_eps)
 
     def init_weights(self) -> None:
-        self.wq.init_weights(self.ctx.init_std)
-        self.wk.init_weights(self.ctx.init_std)
+        # reference: the official q/k/v tables get the configs' init_method, NeoX small_init
+        # N(0, 2 / (5 dim)) (megatron/model/transformer.py MySelfAttention.__init__,
+        # megatron/model/init_functions.py small_init_init_method)
+        small_init = (2 / (5 * self.ctx.dim)) ** 0.5
+        self.wq.init_weights(self.ctx.init_std, table_std=small_init)
+        self.wk.init_weights(self.ctx.init_std, table_std=small_init)
         # v feeds the residual stream directly (no output projection): depth-scaled init
-        self.wv.init_weights(self.ctx.out_std)
+        self.wv.init_weights(self.ctx.out_std, table_std=small_init)
         for norm in (self.q_norm, self.k_norm):
             if norm is not None:
                 norm.init_weights()
@@ -182,6 +214,7 @@ class MemoryFormerFFNConfig(LayerConfig):
     extra_bits: int = Field(default=2, ge=0, le=4,
                             description="the second layer hashes chunks of tau + extra_bits")
     score: Score = Field(default="l1", description=SCORE_DOC)
+    init: Init = Field(default="neotron", description=INIT_DOC)
 
     def check(self, dim: int) -> list[tuple[str, str]]:
         if dim % self.tau:
@@ -199,11 +232,11 @@ class MemoryFormerFFN(nn.Module):
         K = ctx.dim // cfg.tau
         hidden = K * (cfg.tau + cfg.extra_bits)
         self.up = MemoryFormerLinear(ctx.dim, hidden, cfg=MemoryFormerLinearConfig(
-            tau=cfg.tau, score=cfg.score))
+            tau=cfg.tau, score=cfg.score, init=cfg.init))
         # LayerNorm, not RMSNorm: centring balances the signs the next layer hashes.
         self.norm = nn.LayerNorm(hidden, eps=ctx.norm_eps)
         self.down = MemoryFormerLinear(hidden, ctx.dim, cfg=MemoryFormerLinearConfig(
-            tau=cfg.tau + cfg.extra_bits, score=cfg.score))
+            tau=cfg.tau + cfg.extra_bits, score=cfg.score, init=cfg.init))
 
     def init_weights(self) -> None:
         self.up.init_weights(self.ctx.init_std)

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neotron.arch.block import Block
 from neotron.arch.config import ModelConfig
-from neotron.arch.context import BuildContext, SeqInfo
+from neotron.arch.context import SeqInfo
 from neotron.arch.norm import RMSNorm
+from neotron.arch.stack import build_layers, run_stack, stack_flops
 
 
 class CausalLM(nn.Module):
@@ -18,17 +18,8 @@ class CausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList()
-        for i, name in enumerate(cfg.layer_blocks()):
-            ctx = BuildContext(
-                dim=cfg.dim,
-                layer_idx=i,
-                n_layers=cfg.n_layers,
-                linear=cfg.linear,
-                norm_eps=cfg.norm_eps,
-                init_std=cfg.init_std,
-            )
-            self.layers.append(Block(ctx, cfg.blocks[name]))
+        # the unique blocks; with model.recursion, one stack looped (neotron/arch/stack.py)
+        self.layers = build_layers(cfg)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         # The head stays dense whatever `model.linear` says: quantizing or hashing the LM head
         # is a separate decision that most recipes (BitNet, MemoryFormer) do not take.
@@ -51,8 +42,7 @@ class CausalLM(nn.Module):
         boundaries (SeqInfo.for_tokens); by default one document per row."""
         seq = seq if seq is not None else SeqInfo.for_tokens(tokens)
         h = self.embed(tokens)
-        for layer in self.layers:
-            h = layer(h, seq)
+        h = run_stack(self.layers, h, seq, self.cfg)
         h = self.norm(h)
         weight = self.embed.weight if self.head is None else self.head.weight
         return F.linear(h, weight)
@@ -60,7 +50,7 @@ class CausalLM(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs (forward + backward) per token; the embedding lookup is free."""
         head = 6.0 * self.cfg.dim * self.cfg.vocab_size
-        return head + sum(layer.flops_per_token(seq_len) for layer in self.layers)
+        return head + stack_flops(self.layers, seq_len, self.cfg)  # every loop counted
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

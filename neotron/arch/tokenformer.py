@@ -21,11 +21,25 @@ sqrt(n + m) and rescale every output).
 Registered as linear `pattention` (any projection, through `model.linear` or `make_linear`)
 and as FFN `pattention` (a single Pattention dim -> dim with `n_tokens` tokens and no extra
 activation, TokenFormer's FFN).
+
+Initialization, `init` on each config:
+- neotron (default): values N(0, std^2) truncated at 3 std, with the std the block passes
+  (model.init_std; the depth-scaled out_std for the attention output and the FFN); keys
+  N(0, model.init_std^2) truncated in every layer. Theta is invariant to the keys' scale,
+  which only sets their effective learning rate under Adam: the attention output's keys used
+  to get its depth-scaled std (sqrt(2 n_layers) times faster relative updates than the FFN's
+  keys); one std for all keys measured better (docs/memory_layers.md).
+- reference (the official code, megatron/model/tokenformer.py `Pattention.__init__` with the
+  shipped configs' `init_method: normal`, `output_layer_init_method: wang_init`): every key
+  N(0, init_std^2) (NeoX init_method_std 0.02) and every value, q/k/v included,
+  N(0, (2 / (n_layers sqrt(dim)))^2), untruncated.
 """
 
 from __future__ import annotations
 
 import math
+import sys
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -38,6 +52,12 @@ from neotron.arch.registry import FFNS, LINEARS, LayerConfig
 
 Norm = Literal["l2_norm_gelu", "gelu_l2_norm", "softmax"]
 NORM_EPS = 1e-6  # the code divides by ||A_i|| with no guard; fp16 rows can reach 0
+
+Init = Literal["neotron", "reference"]
+INIT_DOC = ("neotron: keys N(0, init_std^2), values N(0, std^2) with the block's std"
+            " (depth-scaled for output projections), truncated; reference (official TokenFormer):"
+            " keys N(0, init_std^2), all values wang_init N(0, (2 / (n_layers sqrt(dim)))^2),"
+            " untruncated")
 
 NORM_N_DOC = ("the n in the normalization's sqrt(n) (n for softmax); None = n_tokens. Set to"
               " the parent's n after growth so the grown model computes the same function")
@@ -61,6 +81,36 @@ class PattentionConfig(LayerConfig):
                                  description="parameter tokens; None = the input width")
     norm: Norm = "l2_norm_gelu"
     norm_n: int | None = Field(default=None, gt=0, description=NORM_N_DOC)
+    init: Init = Field(default="neotron", description=INIT_DOC)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the reference init needs to know about the model: wang_init's depth and width,
+    and the std of the keys (NeoX's init_method_std is model.init_std)."""
+
+    n_layers: int
+    dim: int
+    init_std: float
+
+    @property
+    def wang_std(self) -> float:
+        # GPT-NeoX megatron/model/init_functions.py wang_init_method: 2 / n_layers / sqrt(dim)
+        return 2.0 / self.n_layers / math.sqrt(self.dim)
+
+
+def _enclosing_shape() -> ModelShape | None:
+    """The model shape of the block whose constructor is building this projection: the
+    `ctx` (BuildContext) argument of a frame up the call stack. `make_linear` receives only
+    the projection's config, and the reference init needs the model's depth and width; a
+    Pattention built outside a block has none (its owner then sets `model_shape`)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        ctx = frame.f_locals.get("ctx")
+        if isinstance(ctx, BuildContext):
+            return ModelShape(ctx.n_layers, ctx.dim, ctx.init_std)
+        frame = frame.f_back
+    return None
 
 
 @LINEARS.register(PattentionConfig)
@@ -78,12 +128,27 @@ class Pattention(nn.Module):
         self.values = nn.Parameter(torch.empty(self.n_tokens, out_dim))
         # TokenFormer has no bias; one is added only when a block asks for biased projections.
         self.bias = nn.Parameter(torch.empty(out_dim)) if bias else None
+        # The model's depth, width and init_std, found once at construction: the keys' std, and
+        # wang_init's for init: reference. None outside a block.
+        self.model_shape = _enclosing_shape()
 
     def init_weights(self, std: float, key_std: float | None = None) -> None:
-        """Values N(0, std^2) (the block passes the depth-scaled std for output projections),
-        keys N(0, key_std^2), default std. Theta is invariant to the keys' scale; their
-        scale only sets the size of their gradients (~1 / |K|)."""
-        ks = key_std or std
+        """neotron: values N(0, std^2) (the block passes the depth-scaled std for output
+        projections), keys N(0, key_std^2), by default the model's init_std (or `std` outside
+        a block). Theta is invariant to the keys' scale; their scale only sets the size of
+        their gradients (~1 / |K|). reference: see the module docstring; `std` and `key_std`
+        are then unused."""
+        if self.cfg.init == "reference":
+            shape = self.model_shape
+            if shape is None:
+                raise ValueError("pattention init=reference needs the model's n_layers and dim:"
+                                 " build it inside a block, or set `model_shape`")
+            nn.init.normal_(self.keys, mean=0.0, std=shape.init_std)
+            nn.init.normal_(self.values, mean=0.0, std=shape.wang_std)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+            return
+        ks = key_std or (self.model_shape.init_std if self.model_shape is not None else std)
         nn.init.trunc_normal_(self.keys, mean=0.0, std=ks, a=-3 * ks, b=3 * ks)
         nn.init.trunc_normal_(self.values, mean=0.0, std=std, a=-3 * std, b=3 * std)
         if self.bias is not None:
@@ -113,6 +178,7 @@ class PattentionFFNConfig(LayerConfig):
     n_tokens: int | None = Field(default=None, gt=0, description="None = 4 * model.dim")
     norm: Norm = "l2_norm_gelu"
     norm_n: int | None = Field(default=None, gt=0, description=NORM_N_DOC)
+    init: Init = Field(default="neotron", description=INIT_DOC)
 
     def check(self, dim: int) -> list[tuple[str, str]]:
         return []
@@ -127,6 +193,7 @@ class PattentionFFN(nn.Module):
         self.ctx = ctx
         n = cfg.n_tokens or 4 * ctx.dim
         self.pattention = Pattention(ctx.dim, ctx.dim, cfg=cfg.model_copy(update={"n_tokens": n}))
+        self.pattention.model_shape = ModelShape(ctx.n_layers, ctx.dim, ctx.init_std)
 
     def init_weights(self) -> None:
         self.pattention.init_weights(self.ctx.out_std, key_std=self.ctx.init_std)

@@ -9,6 +9,7 @@ The layer around the inner loop follows the paper's Transformer-backbone TTT lay
     q, k, v = W_q x, W_k x, W_v x            per head of width d (optional short conv on q, k)
     q, k = RoPE(q, k) at position (index within the mini-batch)     [the official code uses
                                                                      position_ids % mini_batch]
+        (pairs rotate-half by default; `rope_pairs: interleaved` is the official layout)
     lr_t = base_lr * sigmoid(theta_lr . x_t + b_lr) / d              per head
     eta[i, j] = max(1 / (i + 1) + token_eta_offset_i, 0) * lr_j      i, j within a mini-batch
     z = inner_loop(q, k, v, eta; W0, b0, inner LN)                   neotron.kernels.ttt
@@ -16,6 +17,9 @@ The layer around the inner loop follows the paper's Transformer-backbone TTT lay
 
 Learnable: the projections, theta_lr / b_lr, the inner model's initial weights (W0, b0 or
 W1, b1, W2, b2, per head), the inner LayerNorm (per head) and the token_eta offsets.
+
+`rope_pairs: interleaved` and `init: reference` give the official code's RoPE layout (to load
+its weights) and initialization; docs/mixers.md lists the differences.
 
 Training runs the mini-batch dual form (neotron.kernels.ttt). Decoding (`step`) runs the primal
 form one token at a time: it keeps the weights at the start of the current mini-batch and the
@@ -37,9 +41,10 @@ from torch import nn
 
 from neotron.arch.context import BuildContext, SeqInfo
 from neotron.arch.conv import ShortConv
+from neotron.arch.deltanet import init_normal
 from neotron.arch.linear import make_linear
 from neotron.arch.registry import MIXERS, LayerConfig
-from neotron.arch.rope import apply_rope, rope_angles
+from neotron.arch.rope import apply_rope, apply_rope_interleaved, rope_angles
 from neotron.kernels.ttt import ttt_eta, ttt_linear, ttt_mlp
 from neotron.kernels.ttt.dual import gelu_tanh, gelu_tanh_grad, layer_norm, layer_norm_l2_grad
 
@@ -57,9 +62,20 @@ class TTTLinearConfig(LayerConfig):
     base_lr: float = Field(default=1.0, gt=0, description="inner learning-rate scale")
     rope: bool = Field(default=True, description="RoPE on q/k at the index within the mini-batch")
     rope_theta: float = Field(default=10000.0, gt=0)
+    rope_pairs: Literal["half", "interleaved"] = Field(
+        default="half",
+        description="RoPE pairs: 'half' rotates (x_i, x_{i+d/2}) (neotron); 'interleaved' rotates"
+        " (x_2i, x_2i+1), the official TTT code's layout: set it to load official weights",
+    )
     conv_size: int = Field(default=0, ge=0, description="short causal conv on q and k; 0 = none")
     use_gate: bool = Field(default=False, description="output gate GELU(W_g x)")
     impl: Literal["auto", "dual", "reference"] = "auto"
+    init: Literal["neotron", "reference"] = Field(
+        default="neotron",
+        description="neotron: projections N(0, init_std) truncated, W_o depth-scaled (out_std);"
+        " reference (official ttt-lm-pytorch `_init_weights`): every projection, W_o included,"
+        " N(0, init_std) untruncated",
+    )
 
     def check(self, dim: int) -> list[tuple[str, str]]:
         """Problems that depend on the model width, as (key, message) pairs."""
@@ -180,9 +196,16 @@ class _TTT(nn.Module):
         return [c for c in (self.q_conv, self.k_conv) if c is not None]
 
     def init_weights(self) -> None:
-        for proj in self._projections():
-            proj.init_weights(self.ctx.init_std)
-        self.wo.init_weights(self.ctx.out_std)
+        if self.cfg.init == "reference":
+            # test-time-training/ttt-lm-pytorch@cd831db10c ttt.py: TTTPreTrainedModel's
+            # _init_weights sets every nn.Linear to N(0, initializer_range), bias 0; the lr gate
+            # is N(0, 0.02), bias 0; the convs (nn.Conv1d) keep torch's default, as here.
+            for proj in (*self._projections(), self.wo):
+                init_normal(proj, self.ctx.init_std)
+        else:
+            for proj in self._projections():
+                proj.init_weights(self.ctx.init_std)
+            self.wo.init_weights(self.ctx.out_std)
         for conv in self._convs():
             conv.init_weights()
         with torch.no_grad():
@@ -212,6 +235,10 @@ class _TTT(nn.Module):
         if not self.cfg.rope:
             return q, k
         cos, sin = rope_angles(pos, self.head_dim, self.cfg.rope_theta)
+        if self.cfg.rope_pairs == "interleaved":  # computes in fp32, or fp64 for fp64 inputs
+            if q.dtype == torch.float64:
+                cos, sin = cos.double(), sin.double()
+            return apply_rope_interleaved(q, cos, sin), apply_rope_interleaved(k, cos, sin)
         if q.dtype == torch.float64:  # apply_rope computes in fp32; keep fp64 for exact tests
             cos, sin = cos.double(), sin.double()
             return _rope64(q, cos, sin), _rope64(k, cos, sin)

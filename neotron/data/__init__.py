@@ -13,6 +13,7 @@ from typing import Any
 
 _EXPORTS = {
     "DataConfig": "neotron.data.config",
+    "DataError": "neotron.data.errors",
     "TokenizerConfig": "neotron.data.config",
     "shakespeare_documents": "neotron.data.corpus",
     "open_corpus": "neotron.data.corpus",

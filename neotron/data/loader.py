@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from neotron.data.errors import DataError
 from neotron.data.shards import ShardSet
 
 
@@ -67,9 +68,10 @@ class TokenLoader:
         self.fingerprint = shards.fingerprint
         self.num_samples = (shards.total_tokens - 1) // seq_len
         if self.num_samples < 1:
-            raise ValueError(
-                f"the train split has {shards.total_tokens} tokens, too few for one window of"
-                f" seq_len + 1 = {seq_len + 1}"
+            raise DataError(
+                f"the train split in {shards.dir} has {shards.total_tokens} tokens, too few for"
+                f" one window of data.seq_len={seq_len} (+1) tokens; lower data.seq_len or add"
+                " text"
             )
         self.consumed = 0
         self._perms: dict[int, np.ndarray] = {}
@@ -112,12 +114,12 @@ class TokenLoader:
         """Resume at `state["consumed"]`. The same seed and dataset are required: with another
         of either the global order is a different one and `consumed` means nothing."""
         if int(state["seed"]) != self.seed:
-            raise ValueError(
+            raise DataError(
                 f"data loader state was saved with seed {state['seed']}, this run uses seed"
                 f" {self.seed}; resume with the original train.seed"
             )
         if state["fingerprint"] != self.fingerprint:
-            raise ValueError(
+            raise DataError(
                 "data loader state was saved for dataset fingerprint"
                 f" {str(state['fingerprint'])[:16]}..., the prepared data has"
                 f" {self.fingerprint[:16]}...: the data changed since the checkpoint"
@@ -149,9 +151,11 @@ class ValLoader:
         self.shards, self.seq_len, self.global_batch_size = shards, seq_len, global_batch_size
         available = (shards.total_tokens - 1) // seq_len // global_batch_size
         if available < 1:
-            raise ValueError(
-                f"the val split has {shards.total_tokens} tokens, fewer than one global batch of"
-                f" {global_batch_size} windows of {seq_len + 1} tokens"
+            raise DataError(
+                f"the val split in {shards.dir} has {shards.total_tokens} tokens, too few for one"
+                f" evaluation batch: eval.batch_size={global_batch_size} windows of"
+                f" data.seq_len={seq_len} need {global_batch_size * seq_len + 1}; lower them or"
+                " add validation text"
             )
         self.n_batches = available if n_batches is None else min(n_batches, available)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from neotron.data.config import EOS_TOKEN
+from neotron.data.errors import DataError, reason
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -68,19 +69,26 @@ def train_bpe(
 
 
 def load_tokenizer(dir_or_path: str | Path, eos_token: str = EOS_TOKEN) -> LoadedTokenizer:
-    """Load `<dir>/tokenizer.json` or a tokenizer.json file. Raises if it lacks `eos_token`."""
+    """Load `<dir>/tokenizer.json` or a tokenizer.json file. Raises `DataError` (one line naming
+    the file) if it is missing, unreadable, not a tokenizer, or lacks `eos_token`."""
     path = Path(dir_or_path)
     if path.is_dir():
         path = path / TOKENIZER_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no tokenizer at {path}; run `neotron prepare` first")
-    raw = path.read_bytes()
-    tok = Tokenizer.from_str(raw.decode("utf-8"))
+        raise DataError(f"no tokenizer at {path}; run `neotron prepare` first")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read tokenizer {path}: {reason(e)}") from e
+    try:
+        tok = Tokenizer.from_str(raw.decode("utf-8"))
+    except Exception as e:  # UnicodeDecodeError, or the tokenizers' parse error (an Exception)
+        raise DataError(f"{path} is not a tokenizer.json: {reason(e)}") from e
     eos = tok.token_to_id(eos_token)
     if eos is None:
-        raise ValueError(
-            f"tokenizer {path} has no token '{eos_token}' to use as end of document; add it, or"
-            " set data.tokenizer.eos_token to one of its special tokens"
+        raise DataError(
+            f"tokenizer {path} has no token '{eos_token}' to end documents with; add it as a"
+            " special token, or set data.tokenizer.eos_token to one of its tokens"
         )
     return LoadedTokenizer(
         tokenizer=tok,

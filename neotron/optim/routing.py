@@ -21,6 +21,12 @@ Every trainable parameter gets one **role** (first rule that applies):
    Muon does not guess how to flatten them. A block that wants Muon for such a weight stores
    it as a 2-D matrix and tags it ``"matrix"`` (Muon rejects a tagged >2-D parameter).
 
+``lora`` is only ever a tag: the LoRA factors of relaxed recursion and of Mixture-of-LoRAs
+(``neotron/arch/lora.py``, stored stacked as ``[n, r, in]`` / ``[n, out, r]``) go to AdamW with
+no weight decay, never to Muon: orthogonalizing a rank-r factor sets all its singular values
+equal, which from B = 0 turns the first update into a full-strength rank-r perturbation, and
+decaying A and B separately penalizes the nuclear norm of B A (docs/recursion.md).
+
 Roles and what they get (``cfg`` is :class:`neotron.config.OptimConfig`):
 
 | role     | optimizer                              | lr                 | weight decay            |
@@ -30,7 +36,16 @@ Roles and what they get (``cfg`` is :class:`neotron.config.OptimConfig`):
 | head     | AdamW                                  | adamw_lr or lr     | adamw_weight_decay      |
 | no_decay | AdamW                                  | adamw_lr or lr     | 0                       |
 | sparse   | AdamW                                  | sparse_lr or adamw | 0                       |
+| lora     | AdamW                                  | adamw_lr or lr     | 0                       |
 | adamw    | AdamW                                  | adamw_lr or lr     | adamw_weight_decay      |
+
+A block may also override a parameter's weight decay with the module attribute
+``_neotron_weight_decay`` (``{"values": 0.1}``: the product-key memory's
+``value_weight_decay``). Such parameters keep their role's optimizer and lr and form their own
+group, named ``<role>_wd<value>`` (e.g. ``sparse_wd0.1``); an override equal to the role's
+weight decay changes nothing. Likewise the module attribute ``_neotron_lr_scale``
+(``{"values": 4.0}``: UltraMemV2's value lr multiplier) multiplies a parameter's lr; such
+parameters form their own group, named ``<group>_lr<scale>x`` (e.g. ``sparse_lr4x``).
 
 Routing reads only module types, shapes and tags, so it runs on a meta-device model (``neotron
 config`` prints the table without allocating anything) and on FSDP2/DTensor models alike.
@@ -51,6 +66,8 @@ if TYPE_CHECKING:
 __all__ = [
     "GROUP_ATTR",
     "MODULE_GROUPS_ATTR",
+    "MODULE_WD_ATTR",
+    "MODULE_LR_ATTR",
     "ROLES",
     "GroupPlan",
     "param_groups",
@@ -59,9 +76,11 @@ __all__ = [
     "routing_table",
 ]
 
-ROLES: tuple[str, ...] = ("matrix", "embed", "head", "no_decay", "sparse", "adamw")
+ROLES: tuple[str, ...] = ("matrix", "embed", "head", "no_decay", "sparse", "lora", "adamw")
 GROUP_ATTR = "_neotron_group"  # on a Parameter
 MODULE_GROUPS_ATTR = "_neotron_param_groups"  # on a module: {local param name: role}
+MODULE_WD_ATTR = "_neotron_weight_decay"  # on a module: {local param name: weight decay}
+MODULE_LR_ATTR = "_neotron_lr_scale"  # on a module: {local param name: lr multiplier}
 _HEAD_ATTRS = ("head", "lm_head", "output")
 # Wrapper segments that torch.compile, activation checkpointing and DDP add to parameter names.
 _WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
@@ -100,6 +119,19 @@ class _Router:
             mod = getattr(inner, attr, None)
             if isinstance(mod, nn.Module):
                 self.head_ids |= {id(p) for p in mod.parameters() if p.ndim >= 2}
+
+    def weight_decay(self, name: str) -> float | None:
+        """The weight decay a block sets for this parameter, or None (its role's)."""
+        prefix, _, leaf = name.rpartition(".")
+        module = self.model.get_submodule(prefix) if prefix else self.model
+        wd = (getattr(module, MODULE_WD_ATTR, None) or {}).get(leaf)
+        return None if wd is None else float(wd)
+
+    def lr_scale(self, name: str) -> float:
+        """The lr multiplier a block sets for this parameter (1.0 by default)."""
+        prefix, _, leaf = name.rpartition(".")
+        module = self.model.get_submodule(prefix) if prefix else self.model
+        return float((getattr(module, MODULE_LR_ATTR, None) or {}).get(leaf, 1.0))
 
     def route(self, name: str, param: nn.Parameter) -> str:
         prefix, _, leaf = name.rpartition(".")
@@ -161,18 +193,46 @@ def group_settings(role: str, cfg: OptimConfig) -> tuple[str, float, float]:
         return "adamw", adamw_lr, 0.0
     if role == "sparse":
         return "adamw", cfg.sparse_lr if cfg.sparse_lr is not None else adamw_lr, 0.0
+    if role == "lora":
+        return "adamw", adamw_lr, 0.0
     if role in ("head", "adamw"):
         return "adamw", adamw_lr, adamw_wd
     raise ValueError(f"unknown role {role!r}")
+
+
+def _by_weight_decay(
+    router: _Router, role: str, members: list[tuple[str, nn.Parameter]], wd: float
+) -> list[tuple[str, float, list[tuple[str, nn.Parameter]]]]:
+    """A role's members split by block-set weight decay: (group name, wd, members), the role's
+    own group first and named after the role."""
+    split: dict[float, list[tuple[str, nn.Parameter]]] = {wd: []}
+    for name, p in members:
+        override = router.weight_decay(name)
+        split.setdefault(wd if override is None else override, []).append((name, p))
+    return [(role if w == wd else f"{role}_wd{w:g}", w, ms) for w, ms in split.items() if ms]
+
+
+def _by_lr_scale(
+    router: _Router, group: str, members: list[tuple[str, nn.Parameter]]
+) -> list[tuple[str, float, list[tuple[str, nn.Parameter]]]]:
+    """A group's members split by block-set lr multiplier: (group name, multiplier, members),
+    the unscaled ones first under the group's own name."""
+    split: dict[float, list[tuple[str, nn.Parameter]]] = {1.0: []}
+    for name, p in members:
+        split.setdefault(router.lr_scale(name), []).append((name, p))
+    return [(group if s == 1.0 else f"{group}_lr{s:g}x", s, ms) for s, ms in split.items() if ms]
 
 
 def plan_groups(model: nn.Module, cfg: OptimConfig) -> list[GroupPlan]:
     """The param groups ``build_optimizer`` creates, hidden matrices first (the trainer logs
     the first group's lr)."""
     plans = []
+    router = _Router(model)
     for role, members in param_groups(model).items():
         algorithm, lr, wd = group_settings(role, cfg)
-        plans.append(GroupPlan(role, algorithm, lr, wd, members))
+        for name, w, ms in _by_weight_decay(router, role, members, wd):
+            for group, scale, part in _by_lr_scale(router, name, ms):
+                plans.append(GroupPlan(group, algorithm, lr * scale, w, part))
     return plans
 
 
@@ -224,14 +284,20 @@ def routing_table(model: nn.Module, cfg: OptimConfig | None = None) -> str:
     tied = any(hasattr(inner, a) for a in _HEAD_ATTRS) and not _Router(model).head_ids
     lines = [f"{'group':<9} {'optimizer':<9} {'lr':>8} {'wd':>6} {'tensors':>7} "
              f"{'params':>13} {'share':>6}  examples"]
-    for role, members in groups.items():
-        n = sum(p.numel() for _, p in members)
-        if cfg is not None:
-            algorithm, lr, wd = group_settings(role, cfg)
-            settings = f"{algorithm:<9} {lr:>8.2e} {wd:>6.3g}"
-        else:
-            settings = f"{'-':<9} {'-':>8} {'-':>6}"
-        note = " (tied: also the LM head)" if role == "embed" and tied else ""
-        lines.append(f"{role:<9} {settings} {len(members):>7} {n:>13,} {n / total:>6.1%}  "
-                     f"{_examples(members)}{note}")
+    router = _Router(model)
+    for role, role_members in groups.items():
+        algorithm, lr, role_wd = group_settings(role, cfg) if cfg is not None else ("-", 0.0, 0.0)
+        for name, wd, members, scale in (
+            (group, wd, part, scale)
+            for sub, wd, ms in _by_weight_decay(router, role, role_members, role_wd)
+            for group, scale, part in _by_lr_scale(router, sub, ms)
+        ):
+            n = sum(p.numel() for _, p in members)
+            if cfg is not None:
+                settings = f"{algorithm:<9} {lr * scale:>8.2e} {wd:>6.3g}"
+            else:
+                settings = f"{'-':<9} {'-':>8} {'-':>6}"
+            note = " (tied: also the LM head)" if role == "embed" and tied else ""
+            lines.append(f"{name:<9} {settings} {len(members):>7} {n:>13,} {n / total:>6.1%}  "
+                         f"{_examples(members)}{note}")
     return "\n".join(lines)

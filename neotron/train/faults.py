@@ -3,7 +3,8 @@
 Fault injection is off unless one of these environment variables is set (each is read once):
 
 - `NEOTRON_FAULT_INJECT=<point>:<seconds>` makes the process sleep at the named point, so a
-  test can SIGKILL it at a known instant. Points: `checkpoint.after_tensors` (a checkpoint's
+  test can SIGKILL it at a known instant; `<point>:enospc` raises the OSError of a full disk
+  there instead. Points: `checkpoint.after_tensors` (a checkpoint's
   tensors are written, it is not yet renamed into place), `checkpoint.write` (inside the DCP
   write, in the background thread when `checkpoint.async` is on).
 - `NEOTRON_FAULT_KILL=<step>[@<rank>]`: the process (every rank, or only `rank`) SIGKILLs itself
@@ -16,6 +17,7 @@ Fault injection is off unless one of these environment variables is set (each is
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -26,9 +28,12 @@ def inject(point: str) -> None:
     spec = os.environ.get("NEOTRON_FAULT_INJECT")
     if not spec:
         return
-    name, _, seconds = spec.partition(":")
-    if name == point:
-        time.sleep(float(seconds or 3600))
+    name, _, action = spec.partition(":")
+    if name != point:
+        return
+    if action == "enospc":  # a full disk, as the write would see it
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), point)
+    time.sleep(float(action or 3600))
 
 
 def _steps_for_rank(var: str, rank: int) -> set[int]:

@@ -26,15 +26,19 @@ import torch.nn.functional as F
 
 from neotron.arch import build_model, materialize
 from neotron.arch.context import SeqInfo
+from neotron.arch.lora import collect_aux, stats_to_floats
 from neotron.arch.memory import clip_sparse_grads_, dense_params, sparse_params
+from neotron.arch.quant import set_quant_step
+from neotron.arch.stack import param_summary
 from neotron.config import RunConfig, to_yaml
 from neotron.data.loader import TokenLoader, ValLoader
 from neotron.data.prepare import PreparedData, prepare
 from neotron.errors import ConfigError
 from neotron.optim.builder import build_optimizer, routing_table
 from neotron.optim.schedules import lr_multiplier
-from neotron.train.checkpoint import Checkpointer
+from neotron.train.checkpoint import Checkpointer, read_meta
 from neotron.train.faults import FaultPlan, StopFlag
+from neotron.train.init_from import init_from
 from neotron.train.metrics import MetricsLogger, peak_flops
 from neotron.train.parallel import (
     DistEnv,
@@ -47,6 +51,7 @@ from neotron.train.parallel import (
     setup_env,
     teardown,
 )
+from neotron.train.safe_reader import CheckpointError
 
 
 @dataclass
@@ -131,22 +136,24 @@ class Trainer:
         self.cfg = cfg
         self.env = env = setup_env(cfg)
         self.run_dir = Path(cfg.run_dir)
-        if env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         self._check_batch_layout()
         self.data = self._prepare_data()
         if self.data.vocab_size > cfg.model.vocab_size:
-            raise ValueError(
-                f"the tokenizer has {self.data.vocab_size} tokens but model.vocab_size is"
-                f" {cfg.model.vocab_size}"
+            raise ConfigError(
+                f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's"
+                f" {self.data.vocab_size} tokens ({self.data.tokenizer_path}); set it to at"
+                f" least {self.data.vocab_size}"
             )
         # Every rank builds the whole model from the same seed, then parallelize() keeps its
         # shards: the weights are those of a single-process run whatever the layout.
         model = materialize(build_model(cfg.model), env.device, cfg.train.seed)
         self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
         self.n_params = sum(p.numel() for p in model.parameters())
+        self.arch_note = param_summary(model)  # unique params and depth of a recursive stack
+        self.router_stats: dict[str, torch.Tensor] = {}  # MoL router statistics, last step
         self.model = parallelize(model, env, cfg.train)
+        if cfg.train.init_from is not None:  # weights only; a checkpoint to resume wins
+            init_from(self.model, cfg, is_main=env.is_main)
         # Sparse tables (memory values, hash tables) are clipped apart from the rest, each by
         # its own limit; the global norm, clipping and NaN check cover the dense parameters.
         self.has_sparse = bool(sparse_params(self.model))
@@ -155,6 +162,10 @@ class Trainer:
         self._group_settings = [(g["base_lr"], g["weight_decay"]) for g in self.optimizer.param_groups]
         self.loader = TokenLoader(self.data.train, cfg.data.seq_len, cfg.train.seed,
                                   dp_rank=env.dp_rank, dp_world=env.dp_world)
+        # The run evaluates at its last step at least: a val split too short for one batch
+        # is refused now, not after training (reads no data).
+        ValLoader(self.data.val, cfg.data.seq_len, cfg.eval.batch_size, cfg.eval.batches,
+                  dp_rank=env.dp_rank, dp_world=env.dp_world)
         self.ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
                                  is_writer=env.is_main, async_save=cfg.checkpoint.async_,
                                  process_group=env.ckpt_group)
@@ -171,6 +182,10 @@ class Trainer:
         # Data-parallel ranks get distinct streams; tensor-parallel ranks of one group share one.
         torch.manual_seed(cfg.train.seed + 1 + env.dp_rank)
         self._maybe_resume()
+        # Written only now: a resume refused above leaves the run directory as it was.
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         self.metrics = MetricsLogger(
             self.run_dir, is_writer=env.is_main, tensorboard=cfg.log.tensorboard,
             resume_step=self.step if self.resumed_from else None, total_steps=cfg.train.steps,
@@ -215,6 +230,7 @@ class Trainer:
         latest = self.ckpt.latest()
         if latest is None:
             return
+        self._check_resumable(latest, read_meta(latest))
         meta = self.ckpt.load(latest, self.model, self.optimizer, restore_rng=True)
         if self.ckpt.rng_restored is False:
             self._rng_warning = (
@@ -225,14 +241,30 @@ class Trainer:
         # The config wins over the checkpoint for settings the user may change on resume.
         for group, (base_lr, wd) in zip(self.optimizer.param_groups, self._group_settings):
             group["base_lr"], group["weight_decay"] = base_lr, wd
-        self.loader.load_state_dict(meta["data"])
+        try:
+            self.loader.load_state_dict(meta["data"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{latest / 'meta.json'}: data position does not fit this"
+                                  f" run: {e}") from None
         self.step, self.tokens = meta["step"], meta["tokens"]
         self.skipped = int(meta.get("skipped_steps", 0))
         self.consecutive_skips = int(meta.get("consecutive_skips", 0))
         self.resumed_from = latest
 
+    def _check_resumable(self, latest: Path, meta: dict[str, Any]) -> None:
+        """What the checkpoint's tensors cannot show: the run's sequence length and seed.
+        (Model shapes are checked tensor by tensor when loading.)"""
+        saved = meta.get("seq_len")
+        if saved is not None and saved != self.cfg.data.seq_len:
+            raise ConfigError(
+                f"data.seq_len: {latest} was trained with {saved}, this config has"
+                f" {self.cfg.data.seq_len}; the data position counts windows of the original"
+                " length, so resume with it (or start a new run_dir)"
+            )
+
     def _save(self) -> Path:
         meta = {
+            "seq_len": self.cfg.data.seq_len,
             "tokens": self.tokens,
             "data": self.loader.state_dict(),
             "world_size": self.env.world_size,
@@ -263,7 +295,8 @@ class Trainer:
             loss = lm_loss(logits, mb[:, 1:]) / len(micro)
             if poison:
                 loss = loss * float("nan")
-            loss.backward()
+            aux, self.router_stats = collect_aux(self.model)  # MoL balance loss, or None
+            (loss if aux is None else loss + aux / len(micro)).backward()
             loss_sum += loss.detach()
         sparse_ok = True
         if self.has_sparse:  # only models with memory tables pay for this (it syncs)
@@ -332,6 +365,8 @@ class Trainer:
         log.info(f"neotron: {self.n_params / 1e6:.2f}M parameters, {self.flops_per_token / 1e6:.1f}"
                  f" MFLOP/token, {self.data.train.total_tokens:,} training tokens, device"
                  f" {env.device}")
+        if self.arch_note:
+            log.info(self.arch_note)
         if env.distributed:
             d = env.dims
             log.info(f"parallel: {env.world_size} processes = dp_replicate {d.dp_replicate} x"
@@ -350,6 +385,7 @@ class Trainer:
         while self.step < cfg.train.steps:
             self.faults.before_step(self.step + 1)
             lr = self._set_lr()
+            set_quant_step(self.model, self.step)  # gradual quantization's lam (arch/quant)
             st = self._train_step()
             self.step += 1
             self.tokens += cfg.train.global_batch_tokens
@@ -372,6 +408,7 @@ class Trainer:
                             if self.peak else None),
                     "skipped_steps": self.skipped,
                     **_memory_record(env.device),
+                    **stats_to_floats(self.router_stats),
                 }
                 log.log(record)
                 log.console(record)
