@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neotron.arch.context import BuildContext, SeqInfo
+from neotron.arch.linear import keep_dense
 from neotron.arch.norm import RMSNorm
 from neotron.arch.registry import FFNS, MIXERS
 
@@ -21,6 +22,8 @@ class Block(nn.Module):
         self.mixer = MIXERS.build(block_cfg.mixer, ctx)
         self.ffn_norm = RMSNorm(ctx.dim, ctx.norm_eps)
         self.ffn = FFNS.build(block_cfg.ffn, ctx)
+        if ctx.linear_exclude:
+            keep_dense(self, ctx.linear_exclude, prefix=f"layers.{ctx.layer_idx}.")
 
     def init_weights(self) -> None:
         self.mixer_norm.init_weights()

@@ -57,6 +57,12 @@ class ModelConfig(StrictModel):
         default_factory=DenseLinearConfig,
         description="projection type of every block (embeddings and LM head stay dense)",
     )
+    linear_exclude: list[str] = Field(
+        default_factory=list,
+        description="glob patterns of projections that stay dense whatever `linear` says,"
+        " named as in the state_dict: e.g. ['layers.*.mixer.wo'] (one projection in every"
+        " layer), ['layers.0.*', 'layers.11.*'] (the first and last blocks)",
+    )
     blocks: dict[str, BlockConfig] = Field(default_factory=lambda: {"attention": BlockConfig()})
     pattern: list[str] | None = Field(
         default=None,

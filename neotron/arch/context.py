@@ -19,6 +19,8 @@ class BuildContext:
     linear: LayerConfig  # the model's default projection config, for make_linear
     norm_eps: float
     init_std: float
+    # globs of projections kept dense whatever `linear` says (model.linear_exclude)
+    linear_exclude: tuple[str, ...] = ()
 
     @property
     def out_std(self) -> float:

@@ -4,6 +4,7 @@ replace any projection by config alone."""
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
 from typing import Literal
 
 from torch import nn
@@ -36,3 +37,29 @@ class DenseLinear(nn.Linear):
 def make_linear(in_dim: int, out_dim: int, cfg: LayerConfig, *, bias: bool = False) -> nn.Module:
     """Build the projection `cfg.type` names (dense, bitnet, fp4, pattention, ...)."""
     return LINEARS.build(cfg, in_dim, out_dim, bias=bias)
+
+
+def keep_dense(block: nn.Module, patterns: tuple[str, ...], prefix: str) -> None:
+    """The precision policy's exceptions (`model.linear_exclude`): every projection of `block`
+    built by `make_linear` as a non-dense type (bitnet, fp4, pattention, memoryformer) whose
+    name (`prefix` + its name in the block, as in the model's state_dict, e.g.
+    `layers.0.mixer.wo`) matches one of the glob `patterns` is rebuilt as a dense projection of
+    the same shape. Called by the block at build time, before initialization and before
+    anything (per-depth LoRA hooks) holds on to its projections."""
+    linear_types = tuple(LINEARS.get(name).module_cls for name in LINEARS.names())
+    for name, module in list(block.named_modules()):
+        if not name or type(module) is DenseLinear or not isinstance(module, linear_types):
+            continue
+        if not any(fnmatchcase(prefix + name, pat) for pat in patterns):
+            continue
+        weight = getattr(module, "weight", None)
+        if weight is None or weight.dim() != 2:
+            from neotron.errors import ConfigError
+
+            raise ConfigError(f"model.linear_exclude: '{prefix + name}' is a"
+                              f" {type(module).__name__}, which has no dense weight to keep")
+        out_dim, in_dim = weight.shape
+        parent_name, _, child = name.rpartition(".")
+        parent = block.get_submodule(parent_name) if parent_name else block
+        setattr(parent, child, DenseLinear(in_dim, out_dim, cfg=DenseLinearConfig(),
+                                           bias=getattr(module, "bias", None) is not None))

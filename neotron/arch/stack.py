@@ -27,6 +27,7 @@ Every block sees `BuildContext.n_layers` = that depth; layer-index-dependent cho
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -35,6 +36,7 @@ from torch import nn
 
 from neotron.arch.block import Block
 from neotron.arch.context import BuildContext, SeqInfo
+from neotron.arch.linear import DenseLinear
 from neotron.arch.lora import DepthLoRA, DepthNorm, LoRAConfig, MoLFFN, clear_aux, lora_targets
 from neotron.errors import ConfigError
 from neotron.strict import StrictModel
@@ -104,11 +106,17 @@ def build_layers(cfg: ModelConfig) -> nn.ModuleList:
     layers = nn.ModuleList()
     for i, name in enumerate(cfg.layer_blocks()):
         ctx = BuildContext(dim=cfg.dim, layer_idx=i, n_layers=depth, linear=cfg.linear,
-                           norm_eps=cfg.norm_eps, init_std=cfg.init_std)
+                           norm_eps=cfg.norm_eps, init_std=cfg.init_std,
+                           linear_exclude=tuple(cfg.linear_exclude))
         if rec.lora is None:
             layers.append(Block(ctx, cfg.blocks[name], dropout=cfg.dropout))
         else:
             layers.append(LoopBlock(ctx, cfg.blocks[name], cfg.dropout, rec.lora, rec.loops))
+    for i, pat in enumerate(cfg.linear_exclude):
+        names = (f"layers.{n}" for n, m in layers.named_modules() if type(m) is DenseLinear)
+        if not any(fnmatchcase(n, pat) for n in names):
+            raise ConfigError(f"model.linear_exclude.{i}: '{pat}' matches no projection (names"
+                              " look like layers.0.mixer.wo)")
     if rec.lora is not None:
         for t in rec.lora.targets:
             if not any(lora_targets(layer, [t]) for layer in layers):
