@@ -27,6 +27,23 @@ def final_val_loss(run_dir: Path) -> float | None:
     return vals[-1] if vals else None
 
 
+def train_once(config: str, overrides: list[str], run_dir: Path, label: str) -> float | None:
+    """One `neotron train` run in a fresh process, unless `run_dir` already finished (then it
+    is read back, so an interrupted sweep resumes); its final validation loss, None if failed.
+    Prints `label`, the status and the time."""
+    if not (run_dir / "checkpoints" / "latest").is_file():
+        cmd = [sys.executable, "-m", "neotron", "train", config, *overrides,
+               f"run_dir={run_dir}", "checkpoint.every=0", "checkpoint.resume=never",
+               "log.tensorboard=false"]
+        t0 = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        status = "ok" if proc.returncode == 0 else f"FAILED ({proc.returncode})"
+        print(f"{label} {status} in {time.time() - t0:.0f}s", flush=True)
+        if proc.returncode != 0:
+            print(proc.stderr[-2000:], file=sys.stderr)
+    return final_val_loss(run_dir)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,18 +58,9 @@ def main() -> None:
         name, _, lrs = spec.partition("=")
         for lr in (float(x) for x in lrs.split(",")):
             run_dir = Path(args.out) / f"{name}-lr{lr:g}"
-            done = (run_dir / "checkpoints" / "latest").is_file()
-            if not done:
-                cmd = [sys.executable, "-m", "neotron", "train", args.config, *args.overrides,
-                       f"optim.name={name}", f"optim.lr={lr}", f"run_dir={run_dir}",
-                       "checkpoint.every=0", "checkpoint.resume=never", "log.tensorboard=false"]
-                t0 = time.time()
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                status = "ok" if proc.returncode == 0 else f"FAILED ({proc.returncode})"
-                print(f"{name:8s} lr={lr:<8g} {status} in {time.time() - t0:.0f}s", flush=True)
-                if proc.returncode != 0:
-                    print(proc.stderr[-2000:], file=sys.stderr)
-            results.setdefault(name, {})[lr] = final_val_loss(run_dir)
+            results.setdefault(name, {})[lr] = train_once(
+                args.config, [*args.overrides, f"optim.name={name}", f"optim.lr={lr}"], run_dir,
+                f"{name:8s} lr={lr:<8g}")
 
     print(f"\n{'optimizer':10s} {'lr':>10s} {'final val_loss':>15s}")
     for name, by_lr in results.items():

@@ -16,12 +16,9 @@ docs/mixers.md and docs/memory_layers.md quote the numbers this printed.
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from lr_sweep import final_val_loss  # bench/ is sys.path[0] when this runs as a script
+from lr_sweep import train_once  # bench/ is sys.path[0] when this runs as a script
 
 # block -> (demo config, {recipe: overrides}); the first recipe is the baseline.
 VARIANTS: dict[str, tuple[str, dict[str, list[str]]]] = {
@@ -55,18 +52,8 @@ VARIANTS: dict[str, tuple[str, dict[str, list[str]]]] = {
 
 
 def run(config: str, overrides: list[str], run_dir: Path) -> float | None:
-    if not (run_dir / "checkpoints" / "latest").is_file():
-        cmd = [sys.executable, "-m", "neotron", "train", config, *overrides,
-               f"run_dir={run_dir}", "checkpoint.every=0", "checkpoint.resume=never",
-               "log.tensorboard=false", "eval.every=0", "eval.at_start=false",
-               "eval.batches=32"]
-        t0 = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        status = "ok" if proc.returncode == 0 else f"FAILED ({proc.returncode})"
-        print(f"  {run_dir.name}: {status} in {time.time() - t0:.0f}s", flush=True)
-        if proc.returncode != 0:
-            print(proc.stderr[-2000:], file=sys.stderr)
-    return final_val_loss(run_dir)
+    return train_once(config, [*overrides, "eval.every=0", "eval.at_start=false",
+                               "eval.batches=32"], run_dir, f"  {run_dir.name}:")
 
 
 def main() -> None:

@@ -103,6 +103,14 @@ def _sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
+def _fingerprint(tokenizer_sha256: str, dtype: str, train_sha256: str, val_sha256: str) -> str:
+    """The dataset's identity: what its tokens are, not how they were made (index.json's
+    `fingerprint`, checked by open_prepared, saved in checkpoints' data position)."""
+    return _sha256_json(
+        {"tokenizer": tokenizer_sha256, "dtype": dtype, "train": train_sha256, "val": val_sha256}
+    )
+
+
 def prepare_settings(cfg: DataConfig, progress: bool | None = None) -> dict[str, Any]:
     """Everything the shard bytes depend on. seq_len and document_masking are not in it: they
     change how shards are read, not what they hold."""
@@ -221,14 +229,8 @@ def _check_index(path: Path, index: dict[str, Any]) -> None:
                 raise bad(f"'{where}shards[{k}]' is not a shard file name and token count")
         if sum(s["tokens"] for s in shards) != total:
             raise bad(f"the {split} shards do not add up to '{where}tokens'")
-    fingerprint = _sha256_json(
-        {
-            "tokenizer": tok["sha256"],
-            "dtype": index["dtype"],
-            "train": splits["train"]["sha256"],
-            "val": splits["val"]["sha256"],
-        }
-    )
+    fingerprint = _fingerprint(tok["sha256"], index["dtype"], splits["train"]["sha256"],
+                               splits["val"]["sha256"])
     if field(index, "fingerprint", str, "") != fingerprint:
         raise bad("its fingerprint does not match its contents")
 
@@ -426,14 +428,8 @@ def _build(cfg: DataConfig, out: Path, key: str, progress: bool | None) -> dict[
     }
     # The content fingerprint covers exactly what a model sees: the tokenizer and the token
     # streams (not how they are cut into files). Loader state and checkpoints carry it.
-    fingerprint = _sha256_json(
-        {
-            "tokenizer": tok.sha256,
-            "dtype": dtype_name(dtype),
-            "train": splits["train"]["sha256"],
-            "val": splits["val"]["sha256"],
-        }
-    )
+    fingerprint = _fingerprint(tok.sha256, dtype_name(dtype), splits["train"]["sha256"],
+                               splits["val"]["sha256"])
     index = {
         "format_version": FORMAT_VERSION,
         "fingerprint": fingerprint,
