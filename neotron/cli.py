@@ -1,5 +1,6 @@
 """`neotron train|prepare|eval|config CONFIG [key.path=value ...]`;
-`neotron grow RUN_DIR --to CONFIG [key.path=value ...]`; `neotron convert SOURCE OUT`.
+`neotron grow RUN_DIR --to CONFIG [key.path=value ...]`; `neotron convert SOURCE OUT`;
+`neotron study STUDY.yaml [key.path=value ...]`; `neotron plot RUN_DIR ... [--x steps|tokens|flops]`.
 
 Under torchrun (`torchrun ... -m neotron train CONFIG`) every rank runs `main`; an uncaught
 exception on any rank is printed on that rank's stderr and recorded for torchrun's failure
@@ -34,6 +35,13 @@ def _cmd_config(cfg: RunConfig, args: argparse.Namespace) -> int:
     note = param_summary(model)  # recursive / MoL models: unique parameters, effective depth
     if note:
         print(f"# {note}")
+    from neotron.arch.accounting import flops_per_token, param_counts
+
+    c = param_counts(model)  # docs/accounting.md: what each count includes
+    print(f"# parameters: {c.total:,} total, {c.active:,} active per token, {c.embedding:,}"
+          f" embedding, {c.non_embedding:,} non-embedding")
+    print(f"# training FLOPs per token (forward + backward) at seq_len {cfg.data.seq_len}:"
+          f" {flops_per_token(model, cfg.data.seq_len):.4g}")
     return 0
 
 
@@ -80,9 +88,35 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export-ternary", action="store_true",
                    help="BitNet runs: pack the ternary weights at 2 bits/weight plus scales"
                    " (OUT/model.ternary.safetensors) and report the size vs bf16")
+    p.add_argument("--merge-mol", action="store_true",
+                   help="Mixture-of-LoRAs runs: merge the experts into plain SwiGLU weights"
+                   " (calibrated mean gates) and write OUT as a run directory; prints the"
+                   " validation loss before and after (docs/recursion.md)")
+    p.add_argument("--calib-batches", type=int, default=4, metavar="N",
+                   help="--merge-mol: validation batches (eval.batch_size windows) to calibrate"
+                   " the gates on (default 4)")
+    from neotron.hf.commands import add_hf_convert_args
+
+    add_hf_convert_args(p)  # --format hf, --from-hf, --max-shard-size (docs/hf.md)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    if args.format == "hf" or args.from_hf:
+        from neotron.hf.commands import cmd_convert_hf
+
+        return cmd_convert_hf(args)
+    if args.merge_mol:
+        from neotron.train.evaluate import merge_mol
+
+        if args.dtype is not None or args.export_ternary:
+            raise UsageError("--merge-mol writes a run directory in the run's dtype; convert"
+                             " its output again for --dtype or --export-ternary")
+        info = merge_mol(args.source, args.out, calib_batches=args.calib_batches,
+                         force=args.force)
+        print(f"val loss before merging (MoL experts): {info['val_loss_before']:.4f}")
+        print(f"val loss after merging (one SwiGLU):   {info['val_loss_after']:.4f}")
+        print(json.dumps(info))
+        return 0
     if args.export_ternary:
         from neotron.arch.quant.export import export_ternary
 
@@ -132,8 +166,48 @@ def _add_grow_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace checkpoints in CONFIG's run_dir")
 
 
+# Every subcommand's --help shows what it does, a command to copy, and where the config keys
+# are. A new subcommand needs an entry here (tests/test_cli.py checks them all).
+EXAMPLES = {
+    "train": "neotron train configs/demo/llama.yaml run_dir=runs/demo train.steps=200",
+    "prepare": "neotron prepare configs/demo/llama.yaml --verify",
+    "eval": "neotron eval configs/demo/llama.yaml run_dir=runs/demo",
+    "config": "neotron config configs/demo/hybrid.yaml model.n_layers=4",
+    "grow": "neotron grow runs/tokenformer --to configs/demo/tokenformer.yaml"
+            " run_dir=runs/grown model.linear.n_tokens=384",
+    "convert": "neotron convert runs/demo exports/demo --format hf",
+    "generate": 'neotron generate runs/demo --prompt "To be, or not to be" --max-new-tokens 32',
+    "study": "neotron study configs/studies/demo.yaml",
+    "plot": "neotron plot runs/a runs/b --x tokens --out curves.png",
+}
+KEYS_POINTER = ("config keys: `neotron config CONFIG` prints every key with its resolved value;\n"
+                "override any as key.path=value. docs/ has a page per area.")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("neotron")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        from neotron import __version__
+
+        return __version__
+
+
+def _document(p: argparse.ArgumentParser, name: str, help_text: str | None) -> None:
+    """Description, example and the pointer to `neotron config` for subcommand `name`."""
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.description = p.description or help_text
+    example = EXAMPLES.get(name)
+    p.epilog = (f"example:\n  {example}\n\n" if example else "") + KEYS_POINTER
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="neotron", description=__doc__)
+    parser = argparse.ArgumentParser(prog="neotron", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=f"`neotron COMMAND --help` for each command.\n{KEYS_POINTER}")
+    parser.add_argument("--version", action="version", version=f"neotron {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
@@ -145,14 +219,27 @@ def build_parser() -> argparse.ArgumentParser:
                            help="also hash every shard against index.json (reads all the data)")
     _add_grow_args(sub.add_parser("grow", help=GROW_HELP))
     _add_convert_args(sub.add_parser("convert", help=CONVERT_HELP))
+    from neotron.generate import GENERATE_HELP, add_generate_args
+
+    add_generate_args(sub.add_parser("generate", help=GENERATE_HELP))
+    from neotron.study.commands import PLOT_HELP, STUDY_HELP, add_plot_args, add_study_args
+
+    add_study_args(sub.add_parser("study", help=STUDY_HELP))
+    add_plot_args(sub.add_parser("plot", help=PLOT_HELP))
+    for action in sub._choices_actions:  # argparse keeps each subcommand's help only here
+        _document(sub.choices[action.dest], action.dest, action.help)
     return parser
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
+def _parse(argv: list[str] | None) -> argparse.Namespace | None:
     argv = sys.argv[1:] if argv is None else argv
+    if not argv:  # a bare `neotron` asks what there is: help on stdout, exit 0
+        build_parser().print_help()
+        return None
     if argv[:1] == ["grow"]:
         # Intermixed: overrides may follow `--to CONFIG` (plain parse_args would refuse them).
-        p = argparse.ArgumentParser(prog="neotron grow", description=GROW_HELP)
+        p = argparse.ArgumentParser(prog="neotron grow")
+        _document(p, "grow", GROW_HELP)
         _add_grow_args(p)
         args = p.parse_intermixed_args(argv[1:])
         args.command = "grow"
@@ -170,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    if args is None:
+        return 0
     # Library modules log progress (data preparation, ...) through `logging`; show it on the
     # console. Under torchrun only rank 0 talks, errors excepted.
     rank = int(os.environ.get("RANK", "0"))
@@ -178,6 +267,14 @@ def _main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "convert":
             return _cmd_convert(args)
+        if args.command == "generate":
+            from neotron.generate import cmd_generate
+
+            return cmd_generate(args)
+        if args.command in ("study", "plot"):
+            from neotron.study.commands import cmd_plot, cmd_study
+
+            return (cmd_study if args.command == "study" else cmd_plot)(args)
         cfg = load(args.config, args.overrides)
         handler = _cmd_grow if args.command == "grow" else COMMANDS[args.command][0]
         return handler(cfg, args)

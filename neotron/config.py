@@ -120,6 +120,11 @@ class EvalConfig(StrictModel):
     at_start: bool = Field(default=True, description="also evaluate before the first step")
     batches: int = Field(default=8, gt=0)
     batch_size: int = Field(default=8, gt=0)
+    per_loop: bool = Field(
+        default=False,
+        description="recursive models: also the validation loss after each loop k (early exit:"
+        " final norm and head on the residual stream after loop k), logged as val_loss_loop<k>"
+        " (docs/recursion.md)")
 
 
 class CheckpointConfig(StrictModel):
@@ -150,12 +155,40 @@ class CheckpointConfig(StrictModel):
         return StrictModel._reject_unknown_keys.__func__(cls, data)
 
 
+class WandbConfig(StrictModel):
+    """Weights & Biases mirror of metrics.jsonl (rank 0 only; needs `pip install wandb`)."""
+
+    project: str = Field(description="W&B project")
+    entity: str | None = Field(default=None, description="W&B user or team; None = default")
+    name: str | None = Field(default=None, description="run name; None = W&B's choice")
+    group: str | None = Field(default=None, description="W&B run group (e.g. a study)")
+    tags: list[str] = Field(default_factory=list)
+    mode: Literal["online", "offline", "disabled"] = Field(
+        default="online", description="offline = write run files only (`wandb sync` later)")
+    dir: str | None = Field(default=None, description="where wandb/ goes; None = run_dir")
+    id: str | None = Field(
+        default=None, description="fixed run id: a resumed run continues the same W&B run")
+
+
+class ProfileConfig(StrictModel):
+    """A torch.profiler trace of a few steps, and on CUDA a memory snapshot (docs/logging.md)."""
+
+    start: int = Field(default=5, ge=1, description="first profiled step (1-based, as logged)")
+    steps: int = Field(default=3, gt=0, description="number of profiled steps")
+    dir: str | None = Field(default=None, description="output folder; None = run_dir/profile")
+    memory: bool = Field(
+        default=True, description="CUDA: record allocator history in the window and dump a"
+        " memory snapshot at its end, and one on out-of-memory")
+
+
 class LogConfig(StrictModel):
     every: int = Field(default=10, gt=0)
     tensorboard: bool = True
     peak_flops: float | None = Field(
         default=None, gt=0, description="per-device peak FLOP/s for MFU; None = from the device"
     )
+    wandb: WandbConfig | None = Field(default=None, description="None = no W&B")
+    profile: ProfileConfig | None = Field(default=None, description="None = no profiling")
 
 
 class ParallelConfig(StrictModel):
@@ -218,6 +251,9 @@ class RunConfig(StrictModel):
 
             for key, msg in tp_config_errors(self.model, self.parallel.tp):
                 raise ValueError(f"@model.{key}: {msg}")
+        loops = self.model.recursion.loops if self.model.recursion is not None else 1
+        if self.eval.per_loop and loops == 1:
+            raise ValueError("@eval.per_loop: needs a looped model (model.recursion.loops > 1)")
         if self.optim.schedule.warmup_steps >= self.train.steps and self.train.steps > 1:
             raise ValueError(
                 f"@optim.schedule.warmup_steps: {self.optim.schedule.warmup_steps} is not"

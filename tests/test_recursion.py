@@ -194,10 +194,7 @@ def test_lora_targets_flops_routing_and_errors():
     cfg = demo_model("llama", recursion={"loops": 2, "lora": {"rank": 4, "targets": ["wq", "w2"]}})
     m = build_model(cfg)
     assert sorted(m.layers[0].lora.adapters) == ["ffn_w2", "mixer_wq"]
-    plain = build_model(demo_model("llama", recursion={"loops": 2}))
-    d, h = 192, 512
-    lora_flops = 2 * 4 * 6 * 4 * ((d + d) + (h + d))  # loops x layers x 6 r (in + out)
-    assert m.flops_per_token(128) - plain.flops_per_token(128) == pytest.approx(lora_flops)
+    # LoRA FLOPs: measured against FlopCounterMode in tests/test_flops_measured.py
     groups = param_groups(m)
     assert {n for n, _ in groups["lora"]} == {
         f"layers.{i}.lora.adapters.{t}.{ab}" for i in range(4) for t in ("mixer_wq", "ffn_w2")
@@ -277,7 +274,8 @@ def test_ultramem_and_quantized_projections_train_in_a_loop():
 # Relaxed recursion with MoL in the shared FFN, looped twice: tests/test_distributed.py's tiny
 # model and launch helpers.
 DIST_MODEL = ["model.recursion={loops: 2, lora: {rank: 2, per_depth_norms: true}}",
-              "model.blocks.attention.ffn={type: mol, experts: 3, rank: 2, top_k: 2}"]
+              "model.blocks.attention.ffn={type: mol, experts: 3, rank: 2, top_k: 2}",
+              "eval.per_loop=true"]
 
 
 @pytest.mark.slow
@@ -297,10 +295,12 @@ def test_fsdp_two_ranks_match_one_process_and_resume(tmp_path, corpus):  # noqa:
     for r in records(one):
         if "grad_norm" in r:
             assert gn[r["step"]] == pytest.approx(r["grad_norm"], abs=1e-5)
-    val = {r["step"]: r["val_loss"] for r in records(two) if "val_loss" in r}
-    for r in records(one):
-        if "val_loss" in r:
-            assert val[r["step"]] == pytest.approx(r["val_loss"], abs=1e-5)
+    for key in ("val_loss", "val_loss_loop1"):  # and the early exit after loop 1, sharded
+        val = {r["step"]: r[key] for r in records(two) if key in r}
+        assert val
+        for r in records(one):
+            if key in r:
+                assert val[r["step"]] == pytest.approx(r[key], abs=1e-5)
     # the 2-rank step-4 checkpoint resumed on 1 process continues the same run
     seed_run_from(two / "checkpoints" / "step_00000004", resumed)
     run_cli("train", *args(resumed, corpus, *DIST_MODEL), check=True)
@@ -386,3 +386,94 @@ def test_a_deep_copy_uses_its_own_adapters():
     assert not torch.allclose(m(tokens), c(tokens))  # B = 0 in m, not in c
     m.load_state_dict(c.state_dict())
     torch.testing.assert_close(m(tokens), c(tokens), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- loss per loop (early exit)
+
+EXIT_LORA = {"rank": 3, "alpha": 6.0, "per_depth_norms": True}
+
+
+@pytest.mark.parametrize("ffn", ["swiglu", "mol"])
+def test_each_loop_exit_equals_an_unrolled_model_of_that_depth(ffn):
+    """Exit k of a 3-loop relaxed model (per-loop LoRA and norm gains, optionally a MoL FFN)
+    = the plain dense model of k L layers holding loops 0..k-1's materialized weights."""
+    from neotron.arch.stack import loop_exits
+
+    blocks = {"attention": {"mixer": {"type": "attention", "n_heads": 6, "n_kv_heads": 2},
+                            "ffn": {"type": "swiglu"} if ffn == "swiglu" else
+                            {"type": "mol", "experts": 3, "rank": 2, "top_k": 2}}}
+    cfg = demo_model("llama", n_layers=2, blocks=blocks,
+                     recursion={"loops": 3, "lora": EXIT_LORA})
+    looped = materialize(build_model(cfg), "cpu", seed=0).double()
+    with torch.no_grad():  # B = 0 at init: make every loop's adapters and gains differ
+        for key, p in looped.named_parameters():
+            if ".lora." in key or ".experts." in key or (key.endswith("_norm.weight")
+                                                         and p.ndim == 2):
+                p.add_(torch.randn_like(p) * 0.05)
+    tokens = _tokens(cfg)
+    B = tokens.shape[0]
+    with torch.no_grad():
+        with loop_exits(looped) as K:
+            exits = looped(tokens)
+        last = looped(tokens)  # outside the context: the normal output, the last exit
+    assert K == 3 and exits.shape == (3 * B, *last.shape[1:])
+    torch.testing.assert_close(exits[2 * B:], last, rtol=0, atol=0)
+    for k in (1, 2, 3):
+        cfg_k = demo_model("llama", n_layers=2, blocks=blocks,
+                           recursion={"loops": k, "lora": EXIT_LORA})
+        dense = build_model(unrolled_config(cfg_k), "cpu").double()
+        dense.load_state_dict(tied_state(looped.state_dict(), cfg_k, lora_scale=2.0),
+                              strict=True)
+        with torch.no_grad():
+            torch.testing.assert_close(exits[(k - 1) * B:k * B], dense(tokens),
+                                       rtol=1e-9, atol=1e-9, msg=lambda m, k=k: f"exit {k}: {m}")
+
+
+def test_eval_per_loop_logs_each_exit_and_rejects_a_plain_stack(tmp_path, data_dir,
+                                                                fresh_logging):
+    """A 3-step run with eval.per_loop: val_loss_loop1/2 in metrics.jsonl, TensorBoard and
+    `neotron eval`, each equal to the cross-entropy of an unrolled dense model of that depth
+    (built from the checkpoint's tensors, its own loss loop over the validation windows)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from neotron.cli import main
+    from neotron.convert import find_checkpoint, load_model_tensors
+    from neotron.data.loader import ValLoader
+    from neotron.data.prepare import prepare
+    from tests.test_train_e2e import records, tiny
+
+    run = tmp_path / "exits"
+    args = tiny(run, data_dir, "model.recursion={loops: 2, lora: {rank: 2}}",
+                "eval.per_loop=true", "train.steps=3", "eval.every=3", "eval.at_start=false",
+                "checkpoint.every=3")
+    assert main(["train", *args]) == 0
+    rec = [r for r in records(run) if "val_loss" in r][-1]
+    assert rec["val_loss_loop2"] == rec["val_loss"]
+    cfg = load(args[0], args[1:])
+    state = load_model_tensors(find_checkpoint(run)[0], torch.float64)
+    data = prepare(cfg.data)
+    for k in (1, 2):
+        cfg_k = ModelConfig.model_validate({**cfg.model.model_dump(), "recursion": {
+            "loops": k, "lora": cfg.model.recursion.lora.model_dump()}})
+        dense = build_model(unrolled_config(cfg_k), "cpu").double()
+        dense.load_state_dict(tied_state(state, cfg_k, lora_scale=1.0), strict=True)
+        losses = []
+        with torch.no_grad():
+            for batch in ValLoader(data.val, cfg.data.seq_len, cfg.eval.batch_size,
+                                   cfg.eval.batches):
+                x = batch[:, :-1]
+                eos = data.eos_id if cfg.data.document_masking else None
+                logits = dense(x, SeqInfo.for_tokens(x, eos))
+                losses.append(F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()))
+        assert rec[f"val_loss_loop{k}"] == pytest.approx(torch.stack(losses).mean().item(),
+                                                         abs=1e-5)
+    assert rec["val_loss_loop1"] != pytest.approx(rec["val_loss_loop2"], abs=1e-3)
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    assert {"val/loss_loop1", "val/loss_loop2", "val/loss"} <= set(acc.Tags()["scalars"])
+    from neotron.train.evaluate import evaluate_latest
+
+    ev = evaluate_latest(cfg)
+    assert ev["loss_loop1"] == pytest.approx(rec["val_loss_loop1"], abs=1e-6)
+    with pytest.raises(ConfigError, match=r"eval.per_loop: needs a looped model"):
+        load(DEMO / "llama.yaml", ["eval.per_loop=true"])

@@ -10,8 +10,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
-from neotron.arch import build_model
+from neotron.arch import build_model, materialize
 from neotron.arch.linear import make_linear
 from neotron.arch.tokenformer import Pattention, PattentionConfig, pattention_norm
 from neotron.cli import main as cli_main
@@ -122,7 +123,11 @@ def test_ffn_and_flops():
     assert ffn.n_tokens == 4 * 32 and ffn.keys.shape == (128, 32)
     wq = model.layers[0].mixer.wq
     assert isinstance(wq, Pattention) and wq.n_tokens == 16
-    assert wq.flops_per_token(64) == 6.0 * 16 * (32 + 32) + 30.0 * 16
+    materialize(model, "cpu", seed=0)
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        wq(x).sum().backward()
+    assert counter.get_total_flops() / 15 == wq.flops_per_token(64)  # measured, fwd + bwd
 
 
 # ---------------------------------------------------------------- neotron grow, end to end

@@ -365,14 +365,21 @@ def test_config_errors_name_the_key():
             validate(bad)
 
 
-def test_flops_are_linear_in_keys_and_independent_of_the_pool():
+def test_flops_are_linear_in_keys_and_independent_of_the_pool(monkeypatch):
+    from tests.test_flops_measured import measure
+
     def layer(**kw):
         cfg = {"n_keys": 64, "heads": 2, "knn": 16, "k_dim": 64, "parallel_ffn": None, **kw}
         return UltraMem(ctx(dim=256), cfg=UltraMemConfig(**cfg))
 
-    per_key = 2 * (12 * 2 * 64 + 4 * 2 + 2 * math.log2(16))  # heads x (scoring, select)
-    assert layer(n_keys=128).flops_per_token(2048) - layer().flops_per_token(2048) == \
-        pytest.approx(per_key * 64)
+    def measured(m):  # FlopCounterMode, forward + backward, pool reads counted
+        m.init_weights()
+        x = torch.randn(6, 256, requires_grad=True)
+        seq = SeqInfo(positions=torch.arange(6))
+        return measure(lambda: m(x, seq).sum().backward(), monkeypatch) / 6
+
+    for m in (layer(), layer(n_keys=128)):
+        assert measured(m) == pytest.approx(m.flops_per_token(6), rel=1e-9)
     # the pool's size (share_ratio) changes parameters, never FLOPs
     assert layer(share_ratio=0.1).flops_per_token(2048) == layer().flops_per_token(2048)
     assert layer(share_ratio=0.1).values.numel() > layer().values.numel()
@@ -486,9 +493,22 @@ def test_scaling_ladder_matches_llama(rung):
     assert all(type(layer.ffn).__name__ == "UltraMem" for layer in a.layers)
 
 
-def test_tensor_parallel_is_refused_before_building():
-    """No tensor-parallel plan yet (docs/ultramem.md, "Parallelism"): a clear start-up error."""
+def test_tensor_parallel_refuses_what_has_no_plan():
+    """tp plans exist for ultramem (tests/test_tp_memory.py); value expansion E > 1 has none:
+    a clear error at config validation, naming the key."""
     from neotron.arch.tp_plans import tp_config_errors
 
-    errors = dict(tp_config_errors(model_cfg(), 2))
-    assert "has no tensor-parallel plan" in errors["blocks.u.ffn.type"]
+    assert dict(tp_config_errors(model_cfg(), 2)) == {}
+    errors = dict(tp_config_errors(model_cfg(expand=2), 2))
+    assert any("expand=2 has no tensor-parallel plan" in m for m in errors.values()), errors
+
+
+def test_value_lr_ramp_groups_the_pool_and_ramps_4_to_1():
+    model = materialize(build_model(model_cfg(value_lr_decay_fraction=0.5)), "cpu", seed=0)
+    opt = build_optimizer(model, OptimConfig(name="adamw", lr=1e-3))
+    groups = {g["name"]: g for g in opt.param_groups}
+    pool = {id(model.layers[0].ffn.values), id(model.layers[0].ffn.pre_values)}
+    assert {id(p) for p in groups["sparse_lr4to1x"]["params"]} == pool
+    assert groups["sparse_lr4to1x"]["base_lr"] == pytest.approx(4e-3)
+    assert tuple(groups["sparse_lr4to1x"]["lr_ramp"]) == (4.0, 1.0, 0.5)
+

@@ -63,7 +63,8 @@ class Attention(nn.Module):
             if norm is not None:
                 norm.init_weights()
 
-    def forward(self, x: torch.Tensor, seq: SeqInfo) -> torch.Tensor:
+    def _qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k, v as [B, heads, T, head_dim], q and k normed (qk_norm) and rotated."""
         B, T, _ = x.shape
         # The local head count is inferred from the projection's width, never from dim, so
         # the same code runs when tensor parallelism shards the heads across ranks.
@@ -72,9 +73,13 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope_angles(seq.positions, self.head_dim, self.cfg.rope_theta)
+        cos, sin = rope_angles(positions, self.head_dim, self.cfg.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        return tuple(t.transpose(1, 2) for t in (q, k, v))
+
+    def forward(self, x: torch.Tensor, seq: SeqInfo) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self._qkv(x, seq.positions)
         gqa = q.shape[1] != k.shape[1]
         if seq.doc_ids is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -83,6 +88,28 @@ class Attention(nn.Module):
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=same_doc & causal, enable_gqa=gqa)
         return self.wo(o.transpose(1, 2).reshape(B, T, -1))
+
+    # -------------------------------------------------------------- decoding
+
+    def prefill(self, x: torch.Tensor, seq: SeqInfo) -> tuple[torch.Tensor, dict]:
+        """The prompt in the parallel form: (y [B, T, dim], KV cache {"k", "v"}: the rotated
+        keys and the values, [B, kv_heads, T, head_dim]; GQA keeps the kv heads unrepeated)."""
+        B, T, _ = x.shape
+        q, k, v = self._qkv(x, seq.positions)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           enable_gqa=q.shape[1] != k.shape[1])
+        return self.wo(o.transpose(1, 2).reshape(B, T, -1)), {"k": k, "v": v}
+
+    def step(self, x_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+        """One token x_t [B, dim] at position = the cache length; it attends to every cached
+        key and itself (no mask needed)."""
+        B = x_t.shape[0]
+        pos = torch.tensor([state["k"].shape[2]], device=x_t.device)
+        q, k, v = self._qkv(x_t[:, None], pos)
+        k = torch.cat([state["k"], k], dim=2)
+        v = torch.cat([state["v"], v], dim=2)
+        o = F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1])
+        return self.wo(o.reshape(B, -1)), {"k": k, "v": v}
 
     def flops_per_token(self, seq_len: int) -> float:
         proj = sum(m.flops_per_token(seq_len) for m in (self.wq, self.wk, self.wv, self.wo))

@@ -35,6 +35,18 @@ class Block(nn.Module):
         x = x + self._drop(self.mixer(self.mixer_norm(x), seq))
         return x + self._drop(self.ffn(self.ffn_norm(x), seq))
 
+    def prefill(self, x: torch.Tensor, seq: SeqInfo) -> tuple[torch.Tensor, object]:
+        """`forward` for decoding (no dropout), also returning the mixer's state after x."""
+        h, state = self.mixer.prefill(self.mixer_norm(x), seq)
+        x = x + h
+        return x + self.ffn(self.ffn_norm(x), seq), state
+
+    def step(self, x_t: torch.Tensor, state: object, seq: SeqInfo) -> tuple[torch.Tensor, object]:
+        """One token x_t [B, dim]; every FFN is per-token, so it sees x_t as a length-1 row."""
+        h, state = self.mixer.step(self.mixer_norm(x_t), state)
+        x_t = x_t + h
+        return x_t + self.ffn(self.ffn_norm(x_t[:, None]), seq)[:, 0], state
+
     def _drop(self, h: torch.Tensor) -> torch.Tensor:
         return F.dropout(h, self.dropout, self.training) if self.dropout > 0 else h
 

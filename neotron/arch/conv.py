@@ -96,6 +96,12 @@ class ShortConv(nn.Module):
         return torch.zeros(batch, self.kernel_size - 1, self.weight.shape[0], device=device,
                            dtype=dtype or self.weight.dtype)
 
+    def state_after(self, x: Tensor) -> Tensor:
+        """The `step` state after the inputs x [B, T, C] of one document: its last K-1 inputs,
+        zeros in front when T < K-1 (as `init_state`)."""
+        pad = max(0, self.kernel_size - 1 - x.shape[1])
+        return F.pad(x, (0, 0, pad, 0))[:, x.shape[1] + pad - (self.kernel_size - 1):]
+
     def step(self, x_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """One token: x_t [B, C] and the state from `init_state` / the previous step."""
         window = torch.cat([state.to(x_t.dtype), x_t[:, None]], dim=1)  # [B, K, C], oldest first

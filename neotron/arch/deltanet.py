@@ -215,9 +215,15 @@ class DeltaNet(nn.Module):
         return self.wo(o.flatten(-2))
 
     def forward(self, x: Tensor, seq: SeqInfo) -> Tensor:
+        return self._mix(x, seq)[0]
+
+    def _mix(self, x: Tensor, seq: SeqInfo, final: bool = False
+             ) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...]]:
+        """(y, the kernel's final state S if `final`, the pre-conv q, k, v projections)."""
         B, T, _ = x.shape
         doc = seq.doc_ids
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        pre = (q, k, v)
         if self.q_conv is not None:
             q, k, v = self.q_conv(q, doc), self.k_conv(k, doc), self.v_conv(v, doc)
         else:
@@ -232,12 +238,24 @@ class DeltaNet(nn.Module):
         if cu is not None:  # documents: one packed row, the state restarts at each boundary
             q, k, v, beta = (t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v, beta))
             g = None if g is None else g.reshape(1, B * T, -1)
-        kw: dict[str, Any] = dict(cu_seqlens=cu, chunk_size=self.cfg.chunk_size, impl=self.cfg.impl)
+        kw: dict[str, Any] = dict(cu_seqlens=cu, chunk_size=self.cfg.chunk_size, impl=self.cfg.impl,
+                                  output_final_state=final)
         if g is None:
-            o, _ = delta_rule(q, k, v, beta, **kw)
+            o, S = delta_rule(q, k, v, beta, **kw)
         else:
-            o, _ = gated_delta_rule(q, k, v, g, beta, **kw)
-        return self._output(o.reshape(B, T, -1, self.dv), x)
+            o, S = gated_delta_rule(q, k, v, g, beta, **kw)
+        return self._output(o.reshape(B, T, -1, self.dv), x), S, pre
+
+    def prefill(self, x: Tensor, seq: SeqInfo) -> tuple[Tensor, dict[str, Tensor]]:
+        """The prompt (one document per row) through the chunked kernel: (y [B, T, dim], the
+        `step` state after it: the kernel's final S and each conv's last inputs)."""
+        y, S, pre = self._mix(x, seq, final=True)
+        state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
+        state["S"] = S.to(state["S"].dtype)
+        for name, conv, p in zip("qkv", (self.q_conv, self.k_conv, self.v_conv), pre):
+            if conv is not None:
+                state[f"conv_{name}"] = conv.state_after(p)
+        return y, state
 
     # -------------------------------------------------------------- decoding
 
@@ -283,13 +301,17 @@ class DeltaNet(nn.Module):
         all heads, counted as the chunked algorithm computes it (C = chunk_size, a sequence
         padded to whole chunks). Per chunk and head, forward:
             K K^T and Q K^T (full C x C blocks)           4 C^2 d_k
-            triangular solve for [W | U]                  C^2 (d_k + d_v)
+            unit-triangular solve for [W | U]             C (C - 1) (d_k + d_v)
             U - W S, S + K^T u, Q S                       3 * 2 C d_k d_v
             (Q K^T masked) u                              2 C^2 d_v
-        Elementwise work (gates, decays, masks) is not counted, as for attention's softmax."""
+        Elementwise work (gates, decays, masks) is not counted, as for attention's softmax.
+        Measured autograd work differs at the ends of a sequence (no gradient into the zero
+        initial state or out of the last state: up to 8 C d_k d_v less per head and sequence)
+        and in the solve's backward (torch forms the full C x C gradient of the triangle, C^2
+        (d_k + d_v) more); docs/accounting.md has the measured ratios."""
         C = self.cfg.chunk_size
         dk, dv = self.dk, self.dv
-        per_chunk = 6 * C * dk * dv + C * C * (5 * dk + 3 * dv)
+        per_chunk = 6 * C * dk * dv + 4 * C * C * dk + C * (C - 1) * (dk + dv) + 2 * C * C * dv
         n_chunks = max(1, -(-seq_len // C))
         return 3.0 * self.n_heads * n_chunks * per_chunk / seq_len
 

@@ -308,11 +308,26 @@ class MoLFFN(nn.Module):
                           torch.ones_like(entropy[None]).float(), load.detach()])
 
     def flops_per_token(self, seq_len: int) -> float:
-        base = sum(m.flops_per_token(seq_len) for m in (self.w1, self.w3, self.w2))
-        router = 6.0 * self.ctx.dim * self.cfg.experts
+        E = self.cfg.experts
+        # hidden rows per token: one per expert once an expert modulates W1 or W3
+        rows = E if ("w1" in self.experts or "w3" in self.experts) else 1
+        up = self.w1.flops_per_token(seq_len) + self.w3.flops_per_token(seq_len)
+        if type(self.w2) is DenseLinear:  # gate-mix the rows (a [1, E] x [E, h] product), then W2
+            down = self.w2.flops_per_token(seq_len) + (6.0 * E * self.w2.in_features
+                                                       if rows > 1 else 0.0)
+        else:  # every row through W2, then the gate-mix of the outputs
+            down = rows * self.w2.flops_per_token(seq_len) + 6.0 * E * self.ctx.dim
+        router = 6.0 * self.ctx.dim * E
         # every expert's adapters run for every token (top-k is computed densely)
-        lora = self.cfg.experts * sum(f.flops_per_token() for f in self.experts.values())
-        return base + router + lora
+        lora = E * sum(f.flops_per_token() for f in self.experts.values())
+        return up + down + router + lora
+
+    def active_params(self) -> dict[str, float]:
+        """A token's output depends on its top-k experts only (the others' gates are 0,
+        though computed densely): k / E of the experts' factors."""
+        share = (self.cfg.top_k or self.cfg.experts) / self.cfg.experts
+        return {f"experts.{t}.{n}": share * p.numel()
+                for t, f in self.experts.items() for n, p in f.named_parameters()}
 
 
 def collect_aux(model: nn.Module) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:

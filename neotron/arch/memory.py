@@ -145,6 +145,21 @@ def _model_under_construction() -> nn.Module | None:
     return None
 
 
+class ValueRead(nn.Module):
+    """The weighted embedding bag m = sum_l w[:, l] * table[idx[:, l]], as a module with no
+    parameters of its own (the table is its caller's): the seam where a tensor-parallel plan
+    (neotron/arch/tp_plans.py) hands it the local value-dim shard of the table and marks the
+    weights as entering the sharded region. On one device it is the plain call."""
+
+    def __init__(self, impl: str = "auto") -> None:
+        super().__init__()
+        self.impl = impl
+
+    def forward(self, table: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor
+                ) -> torch.Tensor:
+        return embedding_bag(table, idx, weights, impl=self.impl)
+
+
 @FFNS.register(ProductKeyMemoryConfig)
 class ProductKeyMemory(nn.Module):
     _neotron_param_groups = {"values": "sparse"}  # AdamW with its own lr (optim.sparse_lr)
@@ -167,6 +182,7 @@ class ProductKeyMemory(nn.Module):
             self.wo = make_linear(self.v_dim, dim, ctx.linear, bias=cfg.bias)
         if cfg.gated:
             self.gate = make_linear(dim, 1, DenseLinearConfig(), bias=cfg.bias)
+        self.read = ValueRead(cfg.impl)
         self.ffn = SwiGLU(ctx, cfg=cfg.parallel_ffn) if cfg.parallel_ffn is not None else None
         if cfg.value_weight_decay > 0:
             # AdamW weight decay of the table, over the "sparse" role's 0 (neotron.optim.routing
@@ -245,7 +261,7 @@ class ProductKeyMemory(nn.Module):
         N = xf.shape[0]
         slots, w = self.lookup(xf)
         L = self.heads * self.knn
-        m = embedding_bag(self.values, slots.view(N, L), w.view(N, L), impl=self.cfg.impl)
+        m = self.read(self.values, slots.view(N, L), w.view(N, L))
         if self.ws is not None:
             out = self.wo(m.to(x.dtype) * F.silu(self.ws(xf)))
         else:
@@ -258,25 +274,23 @@ class ProductKeyMemory(nn.Module):
         return out
 
     def flops_per_token(self, seq_len: int) -> float:
+        """Matmul-like work only (docs/accounting.md): top-k, softmax, SiLU and the gate's
+        sigmoid are elementwise or comparisons, not counted."""
         H, n, k, kd, v = self.heads, self.n_keys, self.knn, self.k_dim, self.v_dim
-        log_k = math.log2(max(k, 2))
         # Sub-key scores: 2 halves x n keys x k_dim/2 MACs per head; x3 with the backward.
         scoring = 3 * 2 * H * n * kd
-        # Top-k (forward only; backward is a gather): ~n log k compares per half, then the
-        # k x k grid sums and their top-k. Softmax ~5 ops per slot, x3 with backward.
-        topk = H * (2 * n * log_k + k * k * (1 + log_k)) + 3 * 5 * H * k
         # Value reads: k rows of v per head forward (2 H k v); backward the weight
         # gradients (2 H k v) and the rows' gradients (2 H k v). Never n^2.
         values = 6 * H * k * v
-        total = self.query.flops_per_token(seq_len) + scoring + topk + values
-        if self.ws is not None:
-            total += self.ws.flops_per_token(seq_len) + self.wo.flops_per_token(seq_len)
-            total += 3 * 5 * v  # SiLU and the product
-        if self.gate is not None:
-            total += self.gate.flops_per_token(seq_len) + 3 * 5 * self.ctx.dim
-        if self.ffn is not None:
-            total += self.ffn.flops_per_token(seq_len)
+        total = self.query.flops_per_token(seq_len) + scoring + values
+        for proj in (self.ws, self.wo, self.gate, self.ffn):
+            if proj is not None:
+                total += proj.flops_per_token(seq_len)
         return float(total)
+
+    def active_params(self) -> dict[str, float]:
+        """Of the value table, a token reads heads x knn rows (the keys are all scored)."""
+        return {"values": float(self.heads * self.knn * self.v_dim)}
 
     def extra_repr(self) -> str:
         return (f"slots={self.n_keys}^2, heads={self.heads}, knn={self.knn},"

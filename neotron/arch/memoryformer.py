@@ -84,6 +84,22 @@ class MemoryFormerLinearConfig(LayerConfig):
     init: Init = Field(default="neotron", description=INIT_DOC)
 
 
+class TableLookup(nn.Module):
+    """y = sum_k s_k(z_k) tables[k, code(z_k)] (+ bias), as a module with no parameters of its
+    own (the tables and bias are its caller's): the seam where a tensor-parallel plan
+    (neotron/arch/tp_plans.py) hands it the local shards (output columns, or hash groups)
+    and adds the collectives. On one device it is the plain call."""
+
+    def __init__(self, score: Score = "l1", impl: str = "auto") -> None:
+        super().__init__()
+        self.score, self.impl = score, impl
+
+    def forward(self, z: torch.Tensor, tables: torch.Tensor, bias: torch.Tensor | None
+                ) -> torch.Tensor:
+        y = hash_lookup(z, tables, score=self.score, impl=self.impl)
+        return y if bias is None else y + bias
+
+
 @LINEARS.register(MemoryFormerLinearConfig)
 class MemoryFormerLinear(nn.Module):
     """A hash-table memory layer with the interface of a linear layer: [..., in] -> [..., out]."""
@@ -102,6 +118,7 @@ class MemoryFormerLinear(nn.Module):
         self.n_tables = in_dim // cfg.tau
         self.tables = nn.Parameter(torch.empty(self.n_tables, 2**cfg.tau, out_dim))
         self.bias = nn.Parameter(torch.empty(out_dim)) if (bias or cfg.bias) else None
+        self.lookup = TableLookup(cfg.score, cfg.impl)
 
     def _sparse_tables(self) -> list[tuple[nn.Parameter, float | None]]:
         return [(self.tables, None)]  # clipped with the trainer's default limit
@@ -124,19 +141,19 @@ class MemoryFormerLinear(nn.Module):
         # Hash in fp32: bf16 rounding flips the signs of entries near zero, i.e. the codes.
         z = x.reshape(-1, shape[-1])
         z = z.to(torch.promote_types(z.dtype, torch.float32))
-        y = hash_lookup(z, self.tables, score=self.cfg.score, impl=self.cfg.impl)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        y = self.lookup(z, self.tables, self.bias)
+        # -1, not out_features: under tensor parallelism a rank holds a slice of the outputs
+        return y.to(x.dtype).reshape(*shape[:-1], -1)
 
     def flops_per_token(self, seq_len: int) -> float:
-        K, out = self.n_tables, self.out_features
         # forward: K rows of `out` weighted and summed (2 K out); backward: the score
         # gradients <g, T_k[code]> (2 K out) and the table row gradients s_k g (2 K out).
-        lookup = 6.0 * K * out
-        # hashing + scores: ~5 elementwise ops per input entry forward, ~10 backward.
-        hashing = 15.0 * self.in_features
-        return lookup + hashing + (3.0 * out if self.bias is not None else 0.0)
+        # Hashing, scores and the bias are elementwise: not counted (docs/accounting.md).
+        return 6.0 * self.n_tables * self.out_features
+
+    def active_params(self) -> dict[str, float]:
+        """Of the tables, a token reads one row of each: n_tables rows of out_features."""
+        return {"tables": float(self.n_tables * self.out_features)}
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, tau={self.tau},"
@@ -251,5 +268,5 @@ class MemoryFormerFFN(nn.Module):
         return self.down(h).to(x.dtype)
 
     def flops_per_token(self, seq_len: int) -> float:
-        norm = 3.0 * 8 * self.norm.normalized_shape[0]
-        return self.up.flops_per_token(seq_len) + norm + self.down.flops_per_token(seq_len)
+        # the LayerNorm between them is elementwise: not counted (docs/accounting.md)
+        return self.up.flops_per_token(seq_len) + self.down.flops_per_token(seq_len)

@@ -42,10 +42,12 @@ class CausalLM(nn.Module):
         boundaries (SeqInfo.for_tokens); by default one document per row."""
         seq = seq if seq is not None else SeqInfo.for_tokens(tokens)
         h = self.embed(tokens)
-        h = run_stack(self.layers, h, seq, self.cfg)
-        h = self.norm(h)
+        return self.logits(run_stack(self.layers, h, seq, self.cfg))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The final norm and the (possibly tied) head: residual stream [..., dim] -> logits."""
         weight = self.embed.weight if self.head is None else self.head.weight
-        return F.linear(h, weight)
+        return F.linear(self.norm(h), weight)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs (forward + backward) per token; the embedding lookup is free."""
@@ -53,6 +55,10 @@ class CausalLM(nn.Module):
         return head + stack_flops(self.layers, seq_len, self.cfg)  # every loop counted
 
     def num_params(self, exclude_embedding: bool = False) -> int:
+        """Stored parameters, shared ones once. `exclude_embedding` drops the input embedding
+        only when the head is untied (a tied one is the head's matmul weight too): the "6 N"
+        of a matmul count. neotron.arch.accounting.param_counts has the total / active /
+        embedding / non-embedding split of docs/accounting.md."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embedding and self.head is not None:
             n -= self.embed.weight.numel()

@@ -26,6 +26,8 @@ Every block sees `BuildContext.n_layers` = that depth; layer-index-dependent cho
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Literal
@@ -91,6 +93,14 @@ class LoopBlock(Block):
         self.lora.depth = getattr(seq, "loop", 0)
         return super().forward(x, seq)
 
+    def prefill(self, x: torch.Tensor, seq: SeqInfo) -> tuple[torch.Tensor, object]:
+        self.lora.depth = getattr(seq, "loop", 0)
+        return super().prefill(x, seq)
+
+    def step(self, x_t: torch.Tensor, state: object, seq: SeqInfo) -> tuple[torch.Tensor, object]:
+        self.lora.depth = getattr(seq, "loop", 0)
+        return super().step(x_t, state, seq)
+
     def flops_per_token(self, seq_len: int) -> float:
         return super().flops_per_token(seq_len) + self.lora.flops_per_token()
 
@@ -125,18 +135,42 @@ def build_layers(cfg: ModelConfig) -> nn.ModuleList:
     return layers
 
 
+EXITS_ATTR = "_neotron_loop_exits"  # on model.layers: True inside `loop_exits`
+
+
 def run_stack(layers: nn.ModuleList, h: torch.Tensor, seq: SeqInfo,
               cfg: ModelConfig) -> torch.Tensor:
-    """h through the stack, `loops` times (the seq of each loop says which)."""
+    """h through the stack, `loops` times (the seq of each loop says which). Inside
+    `loop_exits`, the residual stream after every loop, concatenated along the batch."""
     rec = recursion_of(cfg)
     if any(b.ffn.type == "mol" for b in cfg.blocks.values()):
         clear_aux(layers)  # statistics of a forward nobody collected
     loop_ids = torch.arange(rec.loops, device=h.device)[:, None] if rec.lora is not None else None
+    exits: list[torch.Tensor] | None = [] if getattr(layers, EXITS_ATTR, False) else None
     for k in range(rec.loops):
         seq_k = at_loop(seq, loop_ids[k]) if loop_ids is not None else seq
         for layer in layers:
             h = layer(h, seq_k)
-    return h
+        if exits is not None:
+            exits.append(h)
+    return torch.cat(exits) if exits is not None else h
+
+
+@contextmanager
+def loop_exits(model: nn.Module) -> Iterator[int]:
+    """Early exits: inside, `model(tokens [B, T])` returns the logits of every loop's exit,
+    [K B, T, vocab], exit k (1-based) in rows (k-1) B .. k B - 1, each the model's own final
+    norm and head applied to the residual stream after loop k. Yields K.
+
+    The exits ride on the batch dimension through the model's own forward, so the head and
+    norm run under whatever wraps the model (FSDP2's hooks, autocast) unchanged; the price is
+    K times the logits' memory."""
+    layers = model.layers
+    setattr(layers, EXITS_ATTR, True)
+    try:
+        yield recursion_of(model.cfg).loops
+    finally:
+        setattr(layers, EXITS_ATTR, False)
 
 
 def stack_flops(layers: nn.ModuleList, seq_len: int, cfg: ModelConfig) -> float:

@@ -259,6 +259,10 @@ class _TTT(nn.Module):
     # --------------------------------------------------------------- forward
 
     def forward(self, x: Tensor, seq: SeqInfo) -> Tensor:
+        return self._mix(x, seq)[0]
+
+    def _mix(self, x: Tensor, seq: SeqInfo, final: bool = False) -> tuple[Tensor, Any]:
+        """(y, the inner weights after the last token if `final`; one document per row)."""
         B, T, _ = x.shape
         H, d, b = self.n_heads, self.head_dim, self.b
         doc = seq.doc_ids
@@ -276,14 +280,15 @@ class _TTT(nn.Module):
         q, k = self._rope(q, k, torch.arange(L, device=x.device) % b)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, d]
         eta = ttt_eta(self.token_eta(), lr.transpose(1, 2), b)
+        final_state = None
         if layout is None:
-            z, _ = self._kernel(q, k, v, eta)
+            z, final_state = self._kernel(q, k, v, eta, output_final_state=final)
         else:
             z = self._segments(q, k, v, eta, layout)
         z = z.transpose(1, 2).reshape(B, L, H * d)
         if layout is not None:
             z = layout.gather(z, T)
-        return self._output(z, x)
+        return self._output(z, x), final_state
 
     def _segments(self, q, k, v, eta, layout: DocLayout) -> Tensor:
         """The inner loop over a document layout: one kernel call per run of mini-batches with
@@ -369,6 +374,27 @@ class _TTT(nn.Module):
         z = z.to(x_t.dtype).reshape(B, H * d)
         return self._output(z, x_t), new
 
+    def prefill(self, x: Tensor, seq: SeqInfo) -> tuple[Tensor, dict[str, Any]]:
+        """The prompt (one document per row): its whole mini-batches through the dual-form
+        kernel, whose final inner weights start the `step` state; the last T mod b tokens (a
+        mini-batch in progress, which the state holds as running sums) are stepped."""
+        B, T, _ = x.shape
+        n = T - T % self.b
+        state = self.init_state(B, device=x.device, dtype=x.dtype)
+        ys = []
+        if n:
+            y, theta = self._mix(x[:, :n], seq, final=True)
+            ys.append(y)
+            state["params"] = tuple(t.to(p.dtype) for t, p in zip(theta, state["params"]))
+            for name, proj, conv in (("q", self.wq, self.q_conv), ("k", self.wk, self.k_conv)):
+                if conv is not None:
+                    start = max(0, n - conv.kernel_size + 1)
+                    state[f"conv_{name}"] = conv.state_after(proj(x[:, start:n]))
+        for t in range(n, T):
+            y_t, state = self.step(x[:, t], state)
+            ys.append(y_t[:, None])
+        return torch.cat(ys, dim=1), state
+
     def token_grads(self, k, v, theta, lw, lb) -> tuple[Tensor, ...]:
         """Gradients of the inner loss of one token w.r.t. each inner parameter at theta."""
         raise NotImplementedError
@@ -378,14 +404,24 @@ class _TTT(nn.Module):
 
     # ----------------------------------------------------------------- FLOPs
 
-    def inner_flops_per_token(self) -> float:
-        """Forward FLOPs of the dual form per token and head (matmuls only)."""
+    def minibatch_flops(self, m: int) -> tuple[float, float]:
+        """(forward FLOPs of the dual form over one mini-batch of m tokens and one head,
+        the part of them that is the inner weights' update); matmuls only."""
         raise NotImplementedError
+
+    def inner_flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) of the inner loop per token and head, over one
+        document of seq_len tokens in mini-batches of b (the last one shorter). Backward is
+        twice the forward, except for the last mini-batch's weight update, which feeds
+        nothing in training (its forward runs, autograd has nothing to send back)."""
+        sizes = [min(self.b, seq_len - s) for s in range(0, seq_len, self.b)]
+        fwd = sum(self.minibatch_flops(m)[0] for m in sizes)
+        return (3.0 * fwd - 2.0 * self.minibatch_flops(sizes[-1])[1]) / seq_len
 
     def flops_per_token(self, seq_len: int) -> float:
         proj = sum(m.flops_per_token(seq_len) for m in (*self._projections(), self.wo))
         conv = sum(c.flops_per_token() for c in self._convs())
-        return proj + conv + 3.0 * self.n_heads * self.inner_flops_per_token()
+        return proj + conv + self.n_heads * self.inner_flops_per_token(seq_len)
 
 
 @MIXERS.register(TTTLinearConfig)
@@ -414,11 +450,11 @@ class TTTLinear(_TTT):
         W, b = theta
         return x @ W + b
 
-    def inner_flops_per_token(self) -> float:
-        """Per mini-batch of b tokens (head width d): K W0, Q W0 and the W update are
-        3 x 2 b d^2; tril(Q K^T), (eta * Q K^T) G and tril(eta) G are 3 x 2 b^2 d."""
-        d, b = self.head_dim, self.b
-        return 6.0 * d * d + 6.0 * b * d
+    def minibatch_flops(self, m: int) -> tuple[float, float]:
+        """m tokens, head width d: K W0, Q W0 and the W update are 3 x 2 m d^2; tril(Q K^T),
+        (eta * Q K^T) G and tril(eta) G are 3 x 2 m^2 d."""
+        d = self.head_dim
+        return 6.0 * m * d * d + 6.0 * m * m * d, 2.0 * m * d * d
 
 
 @MIXERS.register(TTTMLPConfig)
@@ -455,10 +491,10 @@ class TTTMLP(_TTT):
         W1, b1, W2, b2 = theta
         return gelu_tanh(x @ W1 + b1) @ W2 + b2
 
-    def inner_flops_per_token(self) -> float:
-        """Per mini-batch (head width d, hidden D): seven b x d x D matmuls (K W1, X2 W2, the
-        backprop G2 W2^T, Q W1, X2bar W2, the W1 and W2 updates) = 14 b d D; six b x b
-        products (Q K^T, X2bar X2^T, and eta-weighted sums of G1 and G2) = 2 b^2 (3 d + 3 D)."""
-        d, b = self.head_dim, self.b
+    def minibatch_flops(self, m: int) -> tuple[float, float]:
+        """m tokens, head width d, hidden D: seven m x d x D matmuls (K W1, X2 W2, the
+        backprop G2 W2^T, Q W1, X2bar W2, the W1 and W2 updates) = 14 m d D; six m x m
+        products (Q K^T, X2bar X2^T, and eta-weighted sums of G1 and G2) = 2 m^2 (3 d + 3 D)."""
+        d = self.head_dim
         D = self.cfg.mlp_ratio * d
-        return 14.0 * d * D + 6.0 * b * (d + D)
+        return 14.0 * m * d * D + 6.0 * m * m * (d + D), 4.0 * m * d * D

@@ -110,6 +110,10 @@ class UltraMemConfig(LayerConfig):
     value_init_std: float = Field(default=0.02, gt=0, description="values and pre-values")
     value_lr_scale: float = Field(default=4.0, gt=0, description=(
         "lr multiplier of values and pre-values (release: mem_value_lr_times = 4)"))
+    value_lr_decay_fraction: float | None = Field(default=None, gt=0, le=1, description=(
+        "None: a constant value_lr_scale; a fraction f: the multiplier ramps linearly from"
+        " value_lr_scale to 1 over the first f of the run's steps (release:"
+        " mem_value_lr_max_steps_rate, 1.0 in its launch scripts)"))
     value_weight_decay: float = Field(default=0.0, ge=0, description=(
         "AdamW weight decay of values and pre-values (the 'sparse' role has 0; the release"
         " decays them with the run's weight decay)"))
@@ -219,6 +223,48 @@ def _normal_(proj: nn.Module, std: float) -> None:
         proj.init_weights(std)
 
 
+class PreScore(nn.Module):
+    """PEER-style pre-value scores p[n, l] = <q[n], table[rows[n, l]]>, in fp32 or wider, as
+    a module with no parameters (the table is passed in): the seam where a tensor-parallel
+    plan gives it the local pre_dim shard of the table and of q and all-reduces the partial
+    dot products. On one device it is the plain computation."""
+
+    def forward(self, table: Tensor, rows: Tensor, q: Tensor) -> Tensor:
+        wide = torch.promote_types(q.dtype, torch.float32)
+        return torch.einsum("tld,td->tl", F.embedding(rows, table).to(wide), q.to(wide))
+
+
+class PoolRead(nn.Module):
+    """The value read m [N, expand * v] = sum_l w[n, l, c] * table[rows[n, l]] (chunk c of
+    each row weighted by core c), placed in expansion block groups[n, l]; a module with no
+    parameters (the table is passed in). The number of cores is w's last dimension and the
+    chunk width is the table's width over it, so a tensor-parallel plan can hand it the local
+    value-dim shard of the table with the weights of the cores whose chunks that shard holds
+    (tp_plans.py); on one device it is every core and the whole table."""
+
+    def __init__(self, expand: int, impl: str = "auto") -> None:
+        super().__init__()
+        self.expand, self.impl = expand, impl
+
+    def forward(self, table: Tensor, rows: Tensor, groups: Tensor, w: Tensor) -> Tensor:
+        (N, L, C), E = w.shape, self.expand
+        P, V = table.shape
+        # One weighted bag per (token, expansion group, core chunk) over the chunked table
+        # table.view(P * C, V / C): row `row` chunk c is index row * C + c.
+        idx = (rows.unsqueeze(-1) * C + torch.arange(C, device=rows.device))  # [N, L, C]
+        idx = idx.permute(0, 2, 1).unsqueeze(1).expand(N, E, C, L)
+        wb = w.permute(0, 2, 1).unsqueeze(1)  # [N, 1, C, L]
+        if E > 1:
+            onehot = groups.unsqueeze(1) == torch.arange(E, device=groups.device).view(1, E, 1)
+            wb = wb * onehot.unsqueeze(2).to(wb.dtype)  # [N, E, C, L]
+        else:
+            wb = wb.expand(N, E, C, L)
+        chunks = table.reshape(P * C, V // C)
+        m = embedding_bag(chunks, idx.reshape(N * E * C, L),
+                          wb.reshape(N * E * C, L).to(chunks.dtype), impl=self.impl)
+        return m.view(N, E * V)
+
+
 @FFNS.register(UltraMemConfig)
 class UltraMem(nn.Module):
     # Optimizer roles and lr multipliers (module attributes: they survive meta-device
@@ -237,7 +283,9 @@ class UltraMem(nn.Module):
         self.pre_dim = self.v_dim if cfg.pre_dim is None else cfg.pre_dim
         self.window, self.pool = cfg.window(), cfg.pool_rows()
         self.offset = ctx.layer_idx * self.pool // ctx.n_layers if cfg.share_values else 0
-        self._neotron_lr_scale = {"values": cfg.value_lr_scale, "pre_values": cfg.value_lr_scale}
+        scale = (cfg.value_lr_scale if cfg.value_lr_decay_fraction is None
+                 else (cfg.value_lr_scale, 1.0, cfg.value_lr_decay_fraction))
+        self._neotron_lr_scale = {"values": scale, "pre_values": scale}
         if cfg.value_weight_decay > 0:
             self._neotron_weight_decay = {"values": cfg.value_weight_decay,
                                           "pre_values": cfg.value_weight_decay}
@@ -253,6 +301,9 @@ class UltraMem(nn.Module):
         self.wo = make_linear(cfg.expand * self.v_dim, dim, ctx.linear)
         self.register_buffer("perm", torch.empty(cfg.n_keys**2, dtype=torch.long),
                              persistent=False)
+        # Parameter-free seams over the pool (tables passed in): tp_plans.py shards there.
+        self.pre_score = PreScore() if self.pre_dim else None
+        self.read = PoolRead(cfg.expand, cfg.impl)
         self.ffn = SwiGLU(ctx, cfg=cfg.parallel_ffn) if cfg.parallel_ffn is not None else None
 
     def _pool(self) -> tuple[nn.Parameter, nn.Parameter | None]:
@@ -334,30 +385,15 @@ class UltraMem(nn.Module):
         m [N, expand * v_dim] = sum over read slots of s_c * p * values[row] (chunk c), placed
         in the slot's expansion block."""
         N = x.shape[0]
-        C, E, L = self.n_cores, self.expand, self.heads * self.knn
+        C, L = self.n_cores, self.heads * self.knn
         rows, groups = self.physical(slots.view(N, L))
         w = scores.reshape(N, L, C)
         if self.pre is not None:
-            pre_x = self.pre(x)  # [N, pre_dim]
-            pv = F.embedding(rows, self.pre_values)  # [N, L, pre_dim]
-            p = torch.einsum("tld,td->tl", pv.to(w.dtype), pre_x.to(w.dtype))
+            p = self.pre_score(self.pre_values, rows, self.pre(x))  # [N, L]
             if self.cfg.pre_gelu:
                 p = F.gelu(p)
             w = w * p.unsqueeze(-1)
-        # One weighted bag per (token, expansion group, core chunk) over the chunked table
-        # values.view(P * C, v / C): row `row` chunk c is index row * C + c.
-        idx = (rows.unsqueeze(-1) * C + torch.arange(C, device=rows.device))  # [N, L, C]
-        idx = idx.permute(0, 2, 1).unsqueeze(1).expand(N, E, C, L)
-        wb = w.permute(0, 2, 1).unsqueeze(1)  # [N, 1, C, L]
-        if E > 1:
-            onehot = groups.unsqueeze(1) == torch.arange(E, device=groups.device).view(1, E, 1)
-            wb = wb * onehot.unsqueeze(2).to(wb.dtype)  # [N, E, C, L]
-        else:
-            wb = wb.expand(N, E, C, L)
-        table = self.values.view(self.pool * C, self.v_dim // C)
-        m = embedding_bag(table, idx.reshape(N * E * C, L), wb.reshape(N * E * C, L).to(table.dtype),
-                          impl=self.cfg.impl)
-        return m.view(N, E * self.v_dim)
+        return self.read(self.values, rows, groups, w)
 
     def forward(self, x: Tensor, seq: SeqInfo) -> Tensor:
         shape = x.shape
@@ -371,6 +407,14 @@ class UltraMem(nn.Module):
 
     # ---------------------------------------------------------------- cost
 
+    def active_params(self) -> dict[str, float]:
+        """Of the shared pool, a token reads heads x knn rows of values and of pre-values
+        (neotron.arch.accounting adds up the reads of every layer sharing the pool)."""
+        reads = {"values": float(self.heads * self.knn * self.v_dim)}
+        if self.pre_values is not None:
+            reads["pre_values"] = float(self.heads * self.knn * self.pre_dim)
+        return reads
+
     def activated_params(self) -> int:
         """Parameters a token touches: the layer's own (query, norms, keys, cores, W_pre, W_o,
         the parallel FFN) plus the pool rows it reads (heads * knn rows of v + pre_dim)."""
@@ -381,18 +425,18 @@ class UltraMem(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         H, n, r, k, C = self.heads, self.n_keys, self.rank, self.k_dim, self.n_cores
         c, K, v, pd = self.cand, self.knn, self.v_dim, self.pre_dim
-        log_c, log_k = math.log2(max(c, 2)), math.log2(max(K, 2))
+        # Matmul-like work only (docs/accounting.md): LayerNorms, GELU and the top-k
+        # selections are elementwise or comparisons, not counted.
         # Score components: 2 sides x n keys x r components x k MACs per head, x3 with the
-        # backward; the query LayerNorm ~ 8 ops per element (x3). The keys' LayerNorm is per
-        # step, not per token.
-        scoring = 3 * 2 * H * 2 * n * r * k + 3 * 8 * H * 2 * k
-        # Pre-selection (forward only, no gradient): the rank-1 projections and top-c per side.
-        select = H * (2 * 2 * n * r + 2 * n * log_c)
+        # backward (the keys' LayerNorm is per step, not per token).
+        scoring = 3 * 2 * H * 2 * n * r * k
+        # Pre-selection (forward only, no gradient): the rank-1 projections of both sides.
+        select = H * 2 * 2 * n * r
         # Exact rescoring of the c x c grid with C cores (a C_c: c r^2, then . b: c^2 r MACs),
-        # x3 with the backward; top-K of the c^2 totals (forward only).
-        rescoring = 3 * 2 * H * C * (c * r * r + c * c * r) + H * c * c * (1 + log_k)
-        # Pre-value scores: K rows of pd per head (gather-dot), x3; GELU ~5 ops, x3.
-        pre = 6 * H * K * pd + (15 * H * K if self.cfg.pre_gelu else 0)
+        # x3 with the backward.
+        rescoring = 3 * 2 * H * C * (c * r * r + c * c * r)
+        # Pre-value scores: K rows of pd per head (gather-dot), x3.
+        pre = 6 * H * K * pd
         # Value reads: K rows of v per head forward, the weights' and rows' gradients backward.
         values = 6 * H * K * v
         total = self.query.flops_per_token(seq_len) + scoring + select + rescoring + pre + values

@@ -61,6 +61,8 @@ def build_optimizer(
             "lr": plan.lr,
             "weight_decay": plan.weight_decay,
         }
+        if plan.lr_ramp is not None:
+            group["lr_ramp"] = plan.lr_ramp  # the trainer scales lr by schedules.ramp_factor
         if cfg.name != "adamw":
             group["algorithm"] = plan.algorithm
             if plan.algorithm == "adamw":

@@ -45,7 +45,11 @@ A block may also override a parameter's weight decay with the module attribute
 group, named ``<role>_wd<value>`` (e.g. ``sparse_wd0.1``); an override equal to the role's
 weight decay changes nothing. Likewise the module attribute ``_neotron_lr_scale``
 (``{"values": 4.0}``: UltraMemV2's value lr multiplier) multiplies a parameter's lr; such
-parameters form their own group, named ``<group>_lr<scale>x`` (e.g. ``sparse_lr4x``).
+parameters form their own group, named ``<group>_lr<scale>x`` (e.g. ``sparse_lr4x``). The
+multiplier may also ramp linearly over training: ``(start, end, fraction)`` goes from ``start``
+at step 0 to ``end`` at ``fraction`` of the run's steps and stays there (UltraMemV2's value lr,
+4 -> 1); the group is named ``<group>_lr<start>to<end>x`` and carries ``lr_ramp``, which the
+trainer applies on top of the schedule (``schedules.ramp_factor``).
 
 Routing reads only module types, shapes and tags, so it runs on a meta-device model (``neotron
 config`` prints the table without allocating anything) and on FSDP2/DTensor models alike.
@@ -80,7 +84,8 @@ ROLES: tuple[str, ...] = ("matrix", "embed", "head", "no_decay", "sparse", "lora
 GROUP_ATTR = "_neotron_group"  # on a Parameter
 MODULE_GROUPS_ATTR = "_neotron_param_groups"  # on a module: {local param name: role}
 MODULE_WD_ATTR = "_neotron_weight_decay"  # on a module: {local param name: weight decay}
-MODULE_LR_ATTR = "_neotron_lr_scale"  # on a module: {local param name: lr multiplier}
+MODULE_LR_ATTR = "_neotron_lr_scale"  # on a module: {local param name: multiplier or ramp}
+LrRamp = tuple[float, float, float]  # lr multiplier (start, end, fraction of the run's steps)
 _HEAD_ATTRS = ("head", "lm_head", "output")
 # Wrapper segments that torch.compile, activation checkpointing and DDP add to parameter names.
 _WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
@@ -127,11 +132,16 @@ class _Router:
         wd = (getattr(module, MODULE_WD_ATTR, None) or {}).get(leaf)
         return None if wd is None else float(wd)
 
-    def lr_scale(self, name: str) -> float:
-        """The lr multiplier a block sets for this parameter (1.0 by default)."""
+    def lr_scale(self, name: str) -> LrRamp:
+        """The lr multiplier a block sets for this parameter, as (start, end, fraction): a
+        constant multiplier x is (x, x, 1.0); the default is (1.0, 1.0, 1.0)."""
         prefix, _, leaf = name.rpartition(".")
         module = self.model.get_submodule(prefix) if prefix else self.model
-        return float((getattr(module, MODULE_LR_ATTR, None) or {}).get(leaf, 1.0))
+        scale = (getattr(module, MODULE_LR_ATTR, None) or {}).get(leaf, 1.0)
+        if isinstance(scale, (int, float)):
+            return (float(scale), float(scale), 1.0)
+        start, end, fraction = scale
+        return (float(start), float(end), float(fraction))
 
     def route(self, name: str, param: nn.Parameter) -> str:
         prefix, _, leaf = name.rpartition(".")
@@ -181,6 +191,7 @@ class GroupPlan:
     lr: float
     weight_decay: float
     params: list[tuple[str, nn.Parameter]] = field(default_factory=list)
+    lr_ramp: LrRamp | None = None  # a multiplier ramp on top of `lr` (which includes its start)
 
 
 def group_settings(role: str, cfg: OptimConfig) -> tuple[str, float, float]:
@@ -212,15 +223,22 @@ def _by_weight_decay(
     return [(role if w == wd else f"{role}_wd{w:g}", w, ms) for w, ms in split.items() if ms]
 
 
+def _lr_group_name(group: str, ramp: LrRamp) -> str:
+    start, end, _ = ramp
+    if start == end:
+        return group if start == 1.0 else f"{group}_lr{start:g}x"
+    return f"{group}_lr{start:g}to{end:g}x"
+
+
 def _by_lr_scale(
     router: _Router, group: str, members: list[tuple[str, nn.Parameter]]
-) -> list[tuple[str, float, list[tuple[str, nn.Parameter]]]]:
-    """A group's members split by block-set lr multiplier: (group name, multiplier, members),
-    the unscaled ones first under the group's own name."""
-    split: dict[float, list[tuple[str, nn.Parameter]]] = {1.0: []}
+) -> list[tuple[str, LrRamp, list[tuple[str, nn.Parameter]]]]:
+    """A group's members split by block-set lr multiplier: (group name, (start, end, fraction),
+    members), the unscaled ones first under the group's own name."""
+    split: dict[LrRamp, list[tuple[str, nn.Parameter]]] = {(1.0, 1.0, 1.0): []}
     for name, p in members:
         split.setdefault(router.lr_scale(name), []).append((name, p))
-    return [(group if s == 1.0 else f"{group}_lr{s:g}x", s, ms) for s, ms in split.items() if ms]
+    return [(_lr_group_name(group, r), r, ms) for r, ms in split.items() if ms]
 
 
 def plan_groups(model: nn.Module, cfg: OptimConfig) -> list[GroupPlan]:
@@ -231,8 +249,9 @@ def plan_groups(model: nn.Module, cfg: OptimConfig) -> list[GroupPlan]:
     for role, members in param_groups(model).items():
         algorithm, lr, wd = group_settings(role, cfg)
         for name, w, ms in _by_weight_decay(router, role, members, wd):
-            for group, scale, part in _by_lr_scale(router, name, ms):
-                plans.append(GroupPlan(group, algorithm, lr * scale, w, part))
+            for group, ramp, part in _by_lr_scale(router, name, ms):
+                plans.append(GroupPlan(group, algorithm, lr * ramp[0], w, part,
+                                       lr_ramp=ramp if ramp[0] != ramp[1] else None))
     return plans
 
 
@@ -287,10 +306,10 @@ def routing_table(model: nn.Module, cfg: OptimConfig | None = None) -> str:
     router = _Router(model)
     for role, role_members in groups.items():
         algorithm, lr, role_wd = group_settings(role, cfg) if cfg is not None else ("-", 0.0, 0.0)
-        for name, wd, members, scale in (
-            (group, wd, part, scale)
+        for name, wd, members, (scale, _, _) in (
+            (group, wd, part, ramp)
             for sub, wd, ms in _by_weight_decay(router, role, role_members, role_wd)
-            for group, scale, part in _by_lr_scale(router, sub, ms)
+            for group, ramp, part in _by_lr_scale(router, sub, ms)
         ):
             n = sum(p.numel() for _, p in members)
             if cfg is not None:

@@ -39,3 +39,14 @@ def lr_multiplier(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
     else:
         shape = 0.5 * (1 + math.cos(math.pi * progress))
     return floor + (1 - floor) * shape
+
+
+def ramp_factor(step: int, total_steps: int, ramp: tuple[float, float, float]) -> float:
+    """A group's lr multiplier at `step` relative to its start value: `ramp` = (start, end,
+    fraction) goes linearly from start (step 0) to end (at `fraction` of the run's steps), then
+    stays at end. UltraMemV2's value lr goes 4 -> 1 this way (release:
+    `mem_value_lr_max_steps_rate`)."""
+    start, end, fraction = ramp
+    span = max(1.0, fraction * total_steps)
+    progress = min(1.0, step / span)
+    return (start + (end - start) * progress) / start

@@ -3,6 +3,11 @@
 Only the writer rank (rank 0) writes files. On resume from step S, records after S left by the
 interrupted run are dropped from metrics.jsonl and TensorBoard is opened with purge_step=S+1,
 so the logs of a resumed run read like those of an uninterrupted one.
+
+TensorBoard also gets the resolved config as text (tag `config`) and as hparams (the flattened
+config keys, with `loss`, `val/loss` and `val/ppl` as the metrics: the HParams tab shows their
+last values). With `log.wandb`, every metrics.jsonl record's numeric values go to Weights &
+Biases under the same names and step (docs/logging.md).
 """
 
 from __future__ import annotations
@@ -15,6 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+
+from neotron.config import RunConfig, WandbConfig, to_yaml
+from neotron.errors import ConfigError
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name substring, from the vendors' sheets.
 _PEAK_BF16 = {
@@ -55,15 +64,50 @@ def _trim_jsonl(path: Path, last_step: int) -> None:
     path.write_text("".join(k + "\n" for k in kept))
 
 
+# Scalars the HParams tab shows beside the config (tags as add_scalar writes them below).
+HPARAM_METRICS = ("loss", "val/loss", "val/ppl")
+
+
+def flat_hparams(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`a.b.c -> value` for a nested config; booleans as "true"/"false" (torch's writer would
+    store them as 1/0) and values the plugin cannot hold (lists, None) as their JSON text."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flat_hparams(value, name + "."))
+        elif isinstance(value, bool):
+            out[name] = "true" if value else "false"
+        elif isinstance(value, (int, float, str)):
+            out[name] = value
+        else:
+            out[name] = json.dumps(value)
+    return out
+
+
+def _numeric(record: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))
+            and math.isfinite(v)}
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, *, is_writer: bool, tensorboard: bool,
-                 resume_step: int | None, total_steps: int) -> None:
+                 resume_step: int | None, total_steps: int,
+                 run_config: RunConfig | None = None) -> None:
         self.is_writer = is_writer
         self.total_steps = total_steps
         self.path = run_dir / "metrics.jsonl"
         self._tb = None
+        self._wandb = None
         self._start = time.time()
         self._start_step = resume_step or 0
+        wandb_cfg = run_config.log.wandb if run_config is not None else None
+        if wandb_cfg is not None:
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:  # checked on every rank
+                raise ConfigError("log.wandb is set but wandb is not installed"
+                                  " (pip install 'neotron[wandb]'), or remove log.wandb")
         if not is_writer:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -76,16 +120,31 @@ class MetricsLogger:
                 str(run_dir / "tb"),
                 purge_step=None if resume_step is None else resume_step + 1,
             )
+            if run_config is not None:
+                self._log_config(run_config, resume_step or 0)
+        if wandb_cfg is not None:
+            assert run_config is not None
+            self._wandb = _init_wandb(wandb_cfg, run_config, run_dir)
+
+    def _log_config(self, cfg: RunConfig, step: int) -> None:
+        from torch.utils.tensorboard.summary import hparams
+
+        text = to_yaml(cfg)
+        # Markdown: indent four spaces so TensorBoard shows the YAML as a code block.
+        self._tb.add_text("config", "".join(f"    {line}\n" for line in text.splitlines()), step)
+        for summary in hparams(flat_hparams(yaml.safe_load(text)),
+                               dict.fromkeys(HPARAM_METRICS, 0.0)):
+            self._tb.file_writer.add_summary(summary, step)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.is_writer:
             return
         self._file.write(json.dumps(record) + "\n")
         if self._tb is not None:
-            step = record["step"]
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(key.replace("val_", "val/"), value, step)
+            for key, value in _numeric(record).items():
+                self._tb.add_scalar(key.replace("val_", "val/"), value, record["step"])
+        if self._wandb is not None:
+            self._wandb.log(_numeric(record), step=record["step"])
 
     def console(self, record: dict[str, Any]) -> None:
         if not self.is_writer:
@@ -120,3 +179,17 @@ class MetricsLogger:
             self._file.close()
             if self._tb is not None:
                 self._tb.close()
+            if self._wandb is not None:
+                self._wandb.finish()
+                self._wandb = None
+
+
+def _init_wandb(wb: WandbConfig, cfg: RunConfig, run_dir: Path) -> Any:
+    import wandb  # optional dependency: imported only when log.wandb is set
+
+    out = Path(wb.dir) if wb.dir else run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    return wandb.init(project=wb.project, entity=wb.entity, name=wb.name, group=wb.group,
+                      tags=wb.tags or None, mode=wb.mode, dir=str(out), id=wb.id,
+                      resume="allow" if wb.id else None,
+                      config=yaml.safe_load(to_yaml(cfg)))

@@ -29,13 +29,13 @@ from neotron.arch.context import SeqInfo
 from neotron.arch.lora import collect_aux, stats_to_floats
 from neotron.arch.memory import clip_sparse_grads_, dense_params, sparse_params
 from neotron.arch.quant import set_quant_step
-from neotron.arch.stack import param_summary
+from neotron.arch.stack import loop_exits, param_summary
 from neotron.config import RunConfig, to_yaml
 from neotron.data.loader import TokenLoader, ValLoader
 from neotron.data.prepare import PreparedData, prepare
 from neotron.errors import ConfigError
 from neotron.optim.builder import build_optimizer, routing_table
-from neotron.optim.schedules import lr_multiplier
+from neotron.optim.schedules import lr_multiplier, ramp_factor
 from neotron.train.checkpoint import Checkpointer, read_meta
 from neotron.train.faults import FaultPlan, StopFlag
 from neotron.train.init_from import init_from
@@ -51,6 +51,7 @@ from neotron.train.parallel import (
     setup_env,
     teardown,
 )
+from neotron.train.profiling import StepProfiler
 from neotron.train.safe_reader import CheckpointError
 
 
@@ -94,26 +95,34 @@ def autocast_for(cfg: RunConfig, device: torch.device, env: DistEnv | None = Non
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: PreparedData, cfg: RunConfig, env: DistEnv) -> dict:
     """Loss and perplexity on the same held-out windows every time; each data-parallel rank
-    evaluates its slice of every batch, and the sums are all-reduced (one sync at the end)."""
+    evaluates its slice of every batch, and the sums are all-reduced (one sync at the end).
+    With `eval.per_loop`, also the loss of each loop's early exit, `val_loss_loop<k>` (k = 1..K;
+    the last is val_loss), from the same forward (arch/stack.py `loop_exits`)."""
     was_training = model.training
     model.eval()
     batches = ValLoader(data.val, cfg.data.seq_len, cfg.eval.batch_size, cfg.eval.batches,
                         dp_rank=env.dp_rank, dp_world=env.dp_world)
-    # [sum of per-row losses, rows], accumulated on the device in float64
-    total = torch.zeros(2, dtype=torch.float64, device=env.device)
-    for batch in batches:
-        batch = batch.to(env.device)
-        logits = forward(model, batch[:, :-1], cfg, data.eos_id, env)
-        rows = batch.shape[0]
-        total[0] += lm_loss(logits, batch[:, 1:]).double() * rows
-        total[1] += rows
+    exits = loop_exits(model) if cfg.eval.per_loop else nullcontext(1)
+    with exits as n_exits:
+        # [sum of per-row losses of each exit, rows], accumulated on the device in float64
+        total = torch.zeros(n_exits + 1, dtype=torch.float64, device=env.device)
+        for batch in batches:
+            batch = batch.to(env.device)
+            logits = forward(model, batch[:, :-1], cfg, data.eos_id, env)
+            rows = batch.shape[0]
+            for k, exit_logits in enumerate(logits.chunk(n_exits)):
+                total[k] += lm_loss(exit_logits, batch[:, 1:]).double() * rows
+            total[-1] += rows
     if env.fsdp:
         reshard_after_no_grad(model)
     # tensor-parallel ranks of one data-parallel group count the same rows: the ratio is right
     total = all_reduce_sum(total, env)
+    losses = (total[:-1] / total[-1]).tolist()
     model.train(was_training)
-    loss = (total[0] / total[1]).item()
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+    out = {"val_loss": losses[-1], "val_ppl": math.exp(min(losses[-1], 50.0))}
+    if cfg.eval.per_loop:
+        out.update({f"val_loss_loop{k}": v for k, v in enumerate(losses, 1)})
+    return out
 
 
 @dataclass
@@ -159,7 +168,8 @@ class Trainer:
         self.has_sparse = bool(sparse_params(self.model))
         self.params = [p for p in dense_params(self.model) if p.requires_grad]
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self._group_settings = [(g["base_lr"], g["weight_decay"]) for g in self.optimizer.param_groups]
+        self._group_settings = [(g["base_lr"], g["weight_decay"], g.get("lr_ramp"))
+                                for g in self.optimizer.param_groups]
         self.loader = TokenLoader(self.data.train, cfg.data.seq_len, cfg.train.seed,
                                   dp_rank=env.dp_rank, dp_world=env.dp_world)
         # The run evaluates at its last step at least: a val split too short for one batch
@@ -189,7 +199,9 @@ class Trainer:
         self.metrics = MetricsLogger(
             self.run_dir, is_writer=env.is_main, tensorboard=cfg.log.tensorboard,
             resume_step=self.step if self.resumed_from else None, total_steps=cfg.train.steps,
+            run_config=cfg,  # config text + hparams in TensorBoard; log.wandb
         )
+        self.profiler = StepProfiler(cfg.log.profile, self.run_dir, env.device, env.rank)
         self.peak = peak_flops(env.device, cfg.log.peak_flops)
 
     def _check_batch_layout(self) -> None:
@@ -239,8 +251,11 @@ class Trainer:
                 " resharded, but the RNG states are not restored (fresh seeds per rank)"
             )
         # The config wins over the checkpoint for settings the user may change on resume.
-        for group, (base_lr, wd) in zip(self.optimizer.param_groups, self._group_settings):
+        for group, (base_lr, wd, ramp) in zip(self.optimizer.param_groups, self._group_settings):
             group["base_lr"], group["weight_decay"] = base_lr, wd
+            group.pop("lr_ramp", None)
+            if ramp is not None:
+                group["lr_ramp"] = ramp
         try:
             self.loader.load_state_dict(meta["data"])
         except (KeyError, TypeError, ValueError) as e:
@@ -280,7 +295,9 @@ class Trainer:
     def _set_lr(self) -> float:
         mult = lr_multiplier(self.step, self.cfg.train.steps, self.cfg.optim.schedule)
         for group in self.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * mult
+            ramp = group.get("lr_ramp")  # a block's own multiplier ramp (UltraMem values)
+            extra = 1.0 if ramp is None else ramp_factor(self.step, self.cfg.train.steps, ramp)
+            group["lr"] = group["base_lr"] * mult * extra
         return self.optimizer.param_groups[0]["lr"]
 
     def _train_step(self) -> StepStats:
@@ -343,6 +360,10 @@ class Trainer:
         record = {"step": self.step, "tokens": self.tokens, **val}
         self.metrics.log(record)
         self.metrics.console(record)
+        if self.cfg.eval.per_loop:
+            exits = [v for k, v in val.items() if k.startswith("val_loss_loop")]  # k = 1..K
+            self.metrics.info("val_loss after each loop: "
+                              + " | ".join(f"loop {k} {v:.4f}" for k, v in enumerate(exits, 1)))
         return val["val_loss"]
 
     def run(self) -> TrainResult:
@@ -351,9 +372,11 @@ class Trainer:
         except BaseException:
             # Leave a background checkpoint write unfinished (never renamed into place: the
             # previous checkpoint stays `latest`) rather than wait on peers that may be gone.
+            self.profiler.close()
             self.metrics.close()
             self.stop.uninstall()
             raise
+        self.profiler.close()
         self.metrics.close()
         self.stop.uninstall()
         teardown(self.env)
@@ -386,7 +409,8 @@ class Trainer:
             self.faults.before_step(self.step + 1)
             lr = self._set_lr()
             set_quant_step(self.model, self.step)  # gradual quantization's lam (arch/quant)
-            st = self._train_step()
+            with self.profiler.step(self.step + 1):  # log.profile; on CUDA dumps on OOM
+                st = self._train_step()
             self.step += 1
             self.tokens += cfg.train.global_batch_tokens
             if st.finite:
