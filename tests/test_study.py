@@ -231,3 +231,27 @@ def test_shipped_studies_plan(path):
     assert all(len(s) >= 3 for s in sizes.values()), sizes
     if path.stem == "demo":
         assert "llama" in sizes and len(sizes) >= 3 and study.spec.executor == "local"
+
+
+def test_lr_sweep_fits_the_best_lr_per_size(tmp_path, data_dir):
+    """With an lr sweep, exactly the lowest-loss lr of each (architecture, size) is `fitted`:
+    the fit's points. Final val losses are written by hand (no training), so the winner is
+    known: the x0.5 run for d16 and the x2 run for d32 (any other choice fails)."""
+    import json
+
+    from neotron.study.results import collect
+    from neotron.study.spec import load_study
+
+    study = load_study(tiny_study(tmp_path, data_dir), ["lr_multipliers=[0.5,1,2]"])
+    want = {("d16", 0.5), ("d32", 2.0)}
+    for run in study.runs:
+        loss = 3.0 if (run.size, run.lr_multiplier) in want else 4.0 + run.lr_multiplier
+        run.run_dir.mkdir(parents=True)
+        (run.run_dir / "metrics.jsonl").write_text(json.dumps(
+            {"step": run.cfg.train.steps, "tokens": run.tokens, "val_loss": loss}) + "\n")
+    rows = collect(study)
+    assert len(rows) == 12 and all(r["status"] == "done" for r in rows)
+    fitted = {(r["arch"], r["size"], r["lr_multiplier"]) for r in rows if r["fitted"]}
+    assert fitted == {(a, s, m) for a in ("llama", "deltanet") for s, m in want}
+    base = {r["arch"]: r["lr"] / r["lr_multiplier"] for r in rows}
+    assert all(r["lr"] == pytest.approx(base[r["arch"]] * r["lr_multiplier"]) for r in rows)

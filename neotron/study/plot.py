@@ -163,8 +163,8 @@ def plot_fits(points: dict[str, tuple[list[float], list[float], list[str]]],
 def plot_gaps(fits: dict[str, FitResult], baseline: str, lo: float, hi: float, out: Path,
               level: float = 0.95, measured_hi: float | None = None) -> Path | None:
     """Iso-FLOP gap to the baseline, (L_arch(C) / L_base(C) - 1) in percent, with its paired
-    bootstrap band, over [lo, hi] FLOPs; compute above `measured_hi` (the largest run) is
-    shaded as extrapolation. None when the baseline or every other arch is unfit."""
+    bootstrap band, over [lo, hi] FLOPs; compute above `measured_hi` (where some
+    architecture's fit runs past its largest run) is shaded as extrapolation. None when the baseline or every other arch is unfit."""
     base = fits.get(baseline)
     others = {a: f for a, f in fits.items() if a != baseline and f.law is not None}
     if base is None or base.law is None or not others:
@@ -188,7 +188,7 @@ def plot_gaps(fits: dict[str, FitResult], baseline: str, lo: float, hi: float, o
     if measured_hi is not None and measured_hi < hi:
         # Readers take a curve at face value: mark where no run was trained.
         ax.axvspan(measured_hi, hi, color="0.5", alpha=0.12, lw=0,
-                   label="extrapolated (beyond the largest run)")
+                   label="extrapolated (past some architecture's largest run)")
     ax.set_xscale("log")
     ax.set_xlabel("training compute C (FLOPs)")
     ax.set_ylabel(f"loss vs {baseline} at equal compute (%)\n< 0: lower loss than {baseline}")

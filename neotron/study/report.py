@@ -224,8 +224,9 @@ def _iso_section(add, fits: dict[str, FitResult], base: str, level: float, out_d
     add("")
     if spans:
         lo = min(s[0] for s in spans + [fb.compute_range])
-        measured_hi = max(s[1] for s in spans + [fb.compute_range])
-        hi = measured_hi * 100
+        hi = max(s[1] for s in spans + [fb.compute_range]) * 100
+        # A gap needs both laws: past the smallest "largest run", one side is extrapolated.
+        measured_hi = min(s[1] for s in spans + [fb.compute_range])
         if plot_gaps(fits, base, lo, hi, out_dir / "iso_flop_gap.png", level,
                      measured_hi=measured_hi) is not None:
             add(f"![iso-FLOP gap to {base}](iso_flop_gap.png)")
