@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from neotron.arch import ModelConfig, build_model, materialize
+from neotron.arch.accounting import param_counts
 from neotron.arch.context import BuildContext, SeqInfo
 from neotron.arch.linear import DenseLinearConfig
 from neotron.arch.memory import clip_sparse_grads_, dense_params, sparse_params
-from neotron.arch.ultramem import UltraMem, UltraMemConfig, activated_params, tdqkr
+from neotron.arch.ultramem import UltraMem, UltraMemConfig, tdqkr
 from neotron.config import OptimConfig, validate
 from neotron.errors import ConfigError
 from neotron.optim.builder import build_optimizer
@@ -385,12 +386,11 @@ def test_flops_are_linear_in_keys_and_independent_of_the_pool(monkeypatch):
     assert layer(share_ratio=0.1).values.numel() > layer().values.numel()
     # reads: heads * knn rows of v + pre_dim per token, far below the n^2 slots
     small = layer()
-    assert small.activated_params() - sum(
-        p.numel() for n, p in small.named_parameters() if "values" not in n) == 2 * 16 * 512
+    assert sum(small.active_params().values()) == 2 * 16 * 512
     model = build_model(model_cfg())
     pool = model.layers[0].ffn.values.numel() + model.layers[0].ffn.pre_values.numel()
     reads = 3 * 2 * 4 * (32 + 32)
-    assert activated_params(model) == sum(p.numel() for p in model.parameters()) - pool + reads
+    assert param_counts(model).active == sum(p.numel() for p in model.parameters()) - pool + reads
 
 
 # -------------------------------------------------------------- FSDP2, 2 gloo processes
@@ -488,7 +488,7 @@ def test_scaling_ladder_matches_llama(rung):
     a, b = build_model(um.model), build_model(ll.model)
     fa, fb = a.flops_per_token(um.data.seq_len), b.flops_per_token(ll.data.seq_len)
     assert 0.99 * fb <= fa <= fb
-    assert activated_params(a) == pytest.approx(sum(p.numel() for p in b.parameters()), rel=0.01)
+    assert param_counts(a).active == pytest.approx(sum(p.numel() for p in b.parameters()), rel=0.01)
     assert um.data == ll.data and um.train == ll.train and um.optim.lr == ll.optim.lr
     assert all(type(layer.ffn).__name__ == "UltraMem" for layer in a.layers)
 

@@ -415,13 +415,6 @@ class UltraMem(nn.Module):
             reads["pre_values"] = float(self.heads * self.knn * self.pre_dim)
         return reads
 
-    def activated_params(self) -> int:
-        """Parameters a token touches: the layer's own (query, norms, keys, cores, W_pre, W_o,
-        the parallel FFN) plus the pool rows it reads (heads * knn rows of v + pre_dim)."""
-        pool = {id(t) for t in (self.values, self.pre_values) if t is not None}
-        own = sum(p.numel() for p in self.parameters() if id(p) not in pool)
-        return own + self.heads * self.knn * (self.v_dim + self.pre_dim)
-
     def flops_per_token(self, seq_len: int) -> float:
         H, n, r, k, C = self.heads, self.n_keys, self.rank, self.k_dim, self.n_cores
         c, K, v, pd = self.cand, self.knn, self.v_dim, self.pre_dim
@@ -452,25 +445,3 @@ class UltraMem(nn.Module):
                 f" {self.offset}), heads={self.heads}, knn={self.knn}, candidates={self.cand},"
                 f" k_dim={self.k_dim}, v_dim={self.v_dim}, pre_dim={self.pre_dim},"
                 f" tucker r={self.rank} x {self.n_cores} cores, expand={self.expand}")
-
-
-def activated_params(model: nn.Module) -> int:
-    """Parameters one token touches in `model`: every parameter except the memory tables,
-    plus the table rows it reads (ultramem: heads * knn rows of values and pre-values per
-    layer; product-key memory: heads * knn value rows per layer). Embeddings count whole
-    (with tied embeddings they are also the LM head). Shared tables are counted once."""
-    from neotron.arch.memory import ProductKeyMemory
-
-    tables: dict[int, int] = {}
-    reads = 0
-    for mod in model.modules():
-        if isinstance(mod, UltraMem):
-            for t in (mod.values, mod.pre_values):
-                if t is not None:
-                    tables[id(t)] = t.numel()
-            reads += mod.heads * mod.knn * (mod.v_dim + mod.pre_dim)
-        elif isinstance(mod, ProductKeyMemory):
-            tables[id(mod.values)] = mod.values.numel()
-            reads += mod.heads * mod.knn * mod.v_dim
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    return total - sum(tables.values()) + reads
